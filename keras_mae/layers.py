@@ -1,0 +1,352 @@
+"""Building blocks of the Vision Transformer used by the MAE encoder and decoder.
+
+Every layer here works on channels-last images or on token sequences shaped
+`(batch, tokens, width)`, uses only `keras.ops` / `keras.random`, and returns its
+constructor arguments from `get_config`.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def _pair(value, name):
+    """Reads an int or an (height, width) pair as a tuple of two positive ints."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in pair):
+        raise ValueError(f"`{name}` must be a positive int or a pair of them, got {value!r}.")
+    return int(pair[0]), int(pair[1])
+
+
+def patch_grid(image_size, patch_size):
+    """Number of patches along height and width; fails clearly when they do not tile."""
+    (height, width), (ph, pw) = _pair(image_size, "image_size"), _pair(patch_size, "patch_size")
+    if height % ph or width % pw:
+        raise ValueError(
+            f"image_size {(height, width)} is not divisible by patch_size {(ph, pw)}: "
+            f"the image must tile exactly into patches."
+        )
+    return height // ph, width // pw
+
+
+def sincos_position_table(grid_size, width):
+    """Fixed 2-D sine-cosine position embeddings, shape `(grid_h * grid_w, width)`.
+
+    As in the official MAE: the first half of the channels encodes the column of a
+    patch and the second half its row, each half as `[sin(pos * w), cos(pos * w)]`
+    with frequencies `w = 1 / 10000 ** (k / (width / 4))`. Patches are in row-major
+    order, the order `Patchify` produces.
+    """
+    if width % 4:
+        raise ValueError(f"2-D sin-cos position embeddings need a width divisible by 4, got {width}.")
+    grid_h, grid_w = grid_size
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    frequencies = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))
+
+    def encode(positions):
+        angles = positions.reshape(-1, 1).astype(np.float64) * frequencies
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([encode(cols), encode(rows)], axis=1).astype("float32")
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class Patchify(keras.layers.Layer):
+    """Cuts channels-last images into non-overlapping patches.
+
+    `(batch, H, W, C)` -> `(batch, (H / p) * (W / p), p * p * C)`, patches in row-major
+    order, values inside a patch in (row, column, channel) order (the layout of the
+    official MAE, so its pixel targets and weights map one to one).
+
+    Args:
+        patch_size: int or (height, width) of a patch.
+    """
+
+    def __init__(self, patch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+        self._ph, self._pw = _pair(patch_size, "patch_size")
+
+    def call(self, images):
+        _, height, width, channels = images.shape
+        grid_h, grid_w = patch_grid((height, width), (self._ph, self._pw))
+        x = ops.reshape(images, (-1, grid_h, self._ph, grid_w, self._pw, channels))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, gh, gw, ph, pw, C)
+        return ops.reshape(x, (-1, grid_h * grid_w, self._ph * self._pw * channels))
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        grid_h, grid_w = patch_grid((height, width), (self._ph, self._pw))
+        return (batch, grid_h * grid_w, self._ph * self._pw * channels)
+
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size}
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class Unpatchify(keras.layers.Layer):
+    """Inverse of `Patchify`: `(batch, patches, p * p * C)` -> `(batch, H, W, C)`.
+
+    Args:
+        image_size: int or (height, width) of the images to rebuild.
+        patch_size: int or (height, width) of a patch.
+    """
+
+    def __init__(self, image_size, patch_size, **kwargs):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self._grid = patch_grid(image_size, patch_size)
+        self._ph, self._pw = _pair(patch_size, "patch_size")
+
+    def call(self, patches):
+        grid_h, grid_w = self._grid
+        num_patches, patch_dim = patches.shape[1], patches.shape[2]
+        if num_patches != grid_h * grid_w or patch_dim % (self._ph * self._pw):
+            raise ValueError(
+                f"Unpatchify expects (batch, {grid_h * grid_w}, k * {self._ph * self._pw}) "
+                f"patches for image_size {self.image_size} and patch_size "
+                f"{self.patch_size}, got shape {tuple(patches.shape)}."
+            )
+        channels = patch_dim // (self._ph * self._pw)
+        x = ops.reshape(patches, (-1, grid_h, grid_w, self._ph, self._pw, channels))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, gh, ph, gw, pw, C)
+        return ops.reshape(x, (-1, grid_h * self._ph, grid_w * self._pw, channels))
+
+    def compute_output_shape(self, input_shape):
+        channels = input_shape[2] // (self._ph * self._pw)
+        return (input_shape[0], self._grid[0] * self._ph, self._grid[1] * self._pw, channels)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class PatchEmbedding(keras.layers.Layer):
+    """Linear projection of every patch to a token: images -> `(batch, patches, width)`.
+
+    A `Patchify` followed by a per-patch `Dense`, which is the same map as the
+    strided convolution of the official code, with the same Xavier initialisation
+    over the flattened `(p * p * C, width)` kernel.
+
+    Args:
+        patch_size: int or (height, width) of a patch.
+        width: token width.
+    """
+
+    def __init__(self, patch_size, width, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+        self.width = width
+        self.patchify = Patchify(patch_size, dtype=self.dtype_policy, name="patchify")
+        self.projection = keras.layers.Dense(width, dtype=self.dtype_policy, name="projection")
+
+    def build(self, input_shape):
+        self.projection.build(self.patchify.compute_output_shape(input_shape))
+
+    def call(self, images):
+        return self.projection(self.patchify(images))
+
+    def compute_output_shape(self, input_shape):
+        return self.patchify.compute_output_shape(input_shape)[:2] + (self.width,)
+
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size, "width": self.width}
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class SinCosPositionEmbedding(keras.layers.Layer):
+    """Adds fixed 2-D sin-cos position embeddings to patch tokens `(batch, patches, width)`.
+
+    The table is a non-trainable weight (as the frozen parameter of the official code),
+    so it travels with saved models and is counted like theirs. Class tokens get no
+    position embedding: the official table's class row is all zeros.
+
+    Args:
+        grid_size: (rows, columns) of the patch grid.
+    """
+
+    def __init__(self, grid_size, **kwargs):
+        super().__init__(**kwargs)
+        self.grid_size = tuple(grid_size)
+
+    def build(self, input_shape):
+        num_patches, width = input_shape[1], input_shape[2]
+        expected = self.grid_size[0] * self.grid_size[1]
+        if num_patches is not None and num_patches != expected:
+            raise ValueError(
+                f"Expected {expected} patch tokens for a {self.grid_size} grid, got {num_patches}."
+            )
+        table = sincos_position_table(self.grid_size, width)
+        self.table = self.add_weight(
+            shape=table.shape,
+            initializer=keras.initializers.Constant(table),
+            trainable=False,
+            name="table",
+        )
+
+    def call(self, tokens):
+        return tokens + ops.cast(self.table, tokens.dtype)[None]
+
+    def get_config(self):
+        return {**super().get_config(), "grid_size": self.grid_size}
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: drops a whole residual branch per sample while training.
+
+    Keras has no such layer (keras-cv's pulls TensorFlow into every backend).
+
+    Args:
+        rate: probability of dropping the branch.
+        seed: int seed of the layer's `SeedGenerator`.
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= rate < 1:
+            raise ValueError(f"DropPath rate must be in [0, 1), got {rate}.")
+        self.rate = rate
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        draw = keras.random.uniform(shape, dtype=x.dtype, seed=self.seed_generator)
+        return x * ops.floor(keep + draw) / keep
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class MultiHeadSelfAttention(keras.layers.Layer):
+    """Self-attention with one fused query-key-value projection.
+
+    `keras.layers.MultiHeadAttention` projects query, key and value with three
+    separate kernels and supports cross-attention; a ViT needs only self-attention,
+    where one `(width, 3 * width)` matmul is cheaper and maps directly onto the
+    official checkpoints' `qkv` weights. The attention itself is
+    `keras.ops.dot_product_attention`, which uses the backend's fused kernels.
+
+    Args:
+        num_heads: number of attention heads; `width` must divide by it.
+        qkv_bias: whether the query-key-value projection has a bias.
+    """
+
+    def __init__(self, num_heads, qkv_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.qkv_bias = qkv_bias
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"Width {width} is not divisible by num_heads {self.num_heads}.")
+        self.qkv = keras.layers.Dense(
+            3 * width, use_bias=self.qkv_bias, dtype=self.dtype_policy, name="qkv"
+        )
+        self.qkv.build(input_shape)
+        self.proj = keras.layers.Dense(width, dtype=self.dtype_policy, name="proj")
+        self.proj.build(input_shape)
+
+    def call(self, x):
+        width = x.shape[-1]
+        head_dim = width // self.num_heads
+        qkv = ops.reshape(self.qkv(x), (ops.shape(x)[0], -1, 3, self.num_heads, head_dim))
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
+        attended = ops.dot_product_attention(query, key, value)
+        return self.proj(ops.reshape(attended, (ops.shape(x)[0], -1, width)))
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "qkv_bias": self.qkv_bias}
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm ViT block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+
+    Args:
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the MLP over the token width.
+        drop_path_rate: stochastic-depth rate of both residual branches.
+        layer_norm_epsilon: epsilon of both layer norms (1e-6 as the official MAE).
+        seed: int seed for drop path.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        mlp_ratio=4.0,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.seed = seed
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        policy = self.dtype_policy
+        self.norm1 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=policy, name="norm1"
+        )
+        self.attention = MultiHeadSelfAttention(self.num_heads, dtype=policy, name="attention")
+        self.norm2 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=policy, name="norm2"
+        )
+        self.mlp_hidden = keras.layers.Dense(
+            int(width * self.mlp_ratio), activation="gelu", dtype=policy, name="mlp_hidden"
+        )
+        self.mlp_output = keras.layers.Dense(width, dtype=policy, name="mlp_output")
+        self.drop_path = DropPath(self.drop_path_rate, seed=self.seed, dtype=policy, name="drop_path")
+        for layer in (self.norm1, self.attention, self.norm2, self.mlp_hidden):
+            layer.build(input_shape)
+        self.mlp_output.build(input_shape[:-1] + (int(width * self.mlp_ratio),))
+
+    def call(self, x, training=None):
+        x = x + self.drop_path(self.attention(self.norm1(x)), training=training)
+        mlp = self.mlp_output(self.mlp_hidden(self.norm2(x)))
+        return x + self.drop_path(mlp, training=training)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "drop_path_rate": self.drop_path_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "seed": self.seed,
+        }
+
+
+def drop_path_rates(max_rate, depth):
+    """Stochastic-depth rates rising linearly from 0 to `max_rate` over the blocks."""
+    return [max_rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+__all__ = [
+    "Patchify",
+    "Unpatchify",
+    "PatchEmbedding",
+    "SinCosPositionEmbedding",
+    "DropPath",
+    "MultiHeadSelfAttention",
+    "TransformerBlock",
+    "patch_grid",
+    "sincos_position_table",
+    "drop_path_rates",
+]

@@ -1,0 +1,127 @@
+"""Which patches the encoder sees: per-sample shuffling of patch tokens.
+
+Every sampler draws a noise value per patch; patches are sorted by it and the
+`num_keep` lowest are kept (the official MAE's and HuggingFace's convention, so the
+same noise gives the same mask everywhere). The samplers differ only in the noise:
+
+- `random`: uniform noise, the paper's default.
+- `block`: random rectangles of patches (log-uniform aspect ratio, as BEiT) get
+  removal priority in the order drawn, so large blocks are removed whole.
+- `grid`: one patch of every `s x s` cell is kept (s = 2 at ratio 0.75, the paper's
+  regular grid), with a random offset per sample.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+MASK_SAMPLINGS = ("random", "block", "grid")
+
+
+def check_mask_ratio(mask_ratio):
+    if not isinstance(mask_ratio, (int, float)) or not 0 < mask_ratio < 1:
+        raise ValueError(
+            f"mask_ratio must be a number strictly between 0 and 1, got {mask_ratio!r}."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class RandomMasking(keras.layers.Layer):
+    """Keeps a random subset of patch tokens per sample.
+
+    Call on tokens `(batch, patches, width)` in image order; returns
+    `(kept, mask, ids_restore)`:
+    - `kept`: `(batch, num_keep, width)`, the kept tokens in shuffled order;
+    - `mask`: `(batch, patches)` float32 in image order, 1 = removed;
+    - `ids_restore`: `(batch, patches)` int, where each image-order patch went in the
+      shuffled order; gathering a shuffled sequence with it restores image order.
+    Pass `noise` `(batch, patches)` to fix the shuffle (lowest noise is kept).
+
+    Args:
+        grid_size: (rows, columns) of the patch grid.
+        mask_ratio: fraction of patches removed, in (0, 1).
+        mask_sampling: one of `MASK_SAMPLINGS`.
+        seed: int seed of the layer's `SeedGenerator`.
+    """
+
+    def __init__(self, grid_size, mask_ratio=0.75, mask_sampling="random", seed=None, **kwargs):
+        super().__init__(**kwargs)
+        check_mask_ratio(mask_ratio)
+        if mask_sampling not in MASK_SAMPLINGS:
+            raise ValueError(
+                f"mask_sampling must be one of {MASK_SAMPLINGS}, got {mask_sampling!r}."
+            )
+        self.grid_size = tuple(grid_size)
+        self.mask_ratio = mask_ratio
+        self.mask_sampling = mask_sampling
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_keep = max(1, int(self.num_patches * (1 - mask_ratio)))
+
+    def sample_noise(self, batch_size, seed=None):
+        """Noise `(batch_size, patches)` for this sampler; `seed` an int or a SeedGenerator."""
+        seed = self.seed_generator if seed is None else seed
+        shape = (batch_size, self.num_patches)
+        jitter = keras.random.uniform(shape, seed=seed)
+        if self.mask_sampling == "random":
+            return jitter
+        rows, cols = (ops.convert_to_tensor(a.reshape(-1)) for a in np.indices(self.grid_size))
+        if self.mask_sampling == "grid":
+            return jitter + 1.0 - self._grid_points(batch_size, rows, cols, seed)
+        return jitter + self._block_priority(batch_size, rows, cols, seed)
+
+    def _grid_points(self, batch_size, rows, cols, seed):
+        """1.0 where a patch lies on this sample's regular grid, else 0.0."""
+        step = max(1, round(math.sqrt(1 / (1 - self.mask_ratio))))
+        offsets = keras.random.randint((batch_size, 2), 0, step, seed=seed)
+        on_rows = ops.mod(rows[None] + step - offsets[:, :1], step) == 0
+        on_cols = ops.mod(cols[None] + step - offsets[:, 1:], step) == 0
+        return ops.cast(ops.logical_and(on_rows, on_cols), "float32")
+
+    def _block_priority(self, batch_size, rows, cols, seed, num_blocks=8):
+        """Removal priority of each patch: num_blocks for the first rectangle drawn, down to 1."""
+        grid_h, grid_w = self.grid_size
+        shape = (batch_size, num_blocks, 1)
+        min_area = max(1.0, 0.08 * self.num_patches)  # BEiT: 16 of 196 patches
+        max_area = max(min_area, self.mask_ratio * self.num_patches)
+        area = keras.random.uniform(shape, min_area, max_area, seed=seed)
+        log_aspect = keras.random.uniform(shape, math.log(0.3), -math.log(0.3), seed=seed)
+        height = ops.clip(ops.round(ops.sqrt(area * ops.exp(log_aspect))), 1, grid_h)
+        width = ops.clip(ops.round(ops.sqrt(area * ops.exp(-log_aspect))), 1, grid_w)
+        top = ops.floor(keras.random.uniform(shape, seed=seed) * (grid_h - height + 1))
+        left = ops.floor(keras.random.uniform(shape, seed=seed) * (grid_w - width + 1))
+        rows = ops.cast(rows, "float32")[None, None]
+        cols = ops.cast(cols, "float32")[None, None]
+        inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+        priority = ops.arange(num_blocks, 0, -1, dtype="float32")[None, :, None]
+        return ops.max(ops.cast(inside, "float32") * priority, axis=1)
+
+    def call(self, tokens, noise=None):
+        if noise is None:
+            noise = self.sample_noise(ops.shape(tokens)[0])
+        elif tuple(noise.shape[1:]) != (self.num_patches,):
+            raise ValueError(
+                f"noise must be shaped (batch, {self.num_patches}), got {tuple(noise.shape)}."
+            )
+        ids_shuffle = ops.argsort(noise, axis=1)
+        ids_restore = ops.argsort(ids_shuffle, axis=1)
+        kept = ops.take_along_axis(tokens, ids_shuffle[:, : self.num_keep, None], axis=1)
+        mask = ops.cast(ids_restore >= self.num_keep, "float32")
+        return kept, mask, ids_restore
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "grid_size": self.grid_size,
+            "mask_ratio": self.mask_ratio,
+            "mask_sampling": self.mask_sampling,
+            "seed": self.seed,
+        }
+
+
+def unshuffle(tokens, ids_restore):
+    """Puts a shuffled `(batch, patches, width)` sequence back into image order."""
+    return ops.take_along_axis(tokens, ops.expand_dims(ids_restore, -1), axis=1)

@@ -1,0 +1,482 @@
+"""The encoder, the decoder and the Masked Autoencoder that trains them with `fit`.
+
+Shapes in comments: B batch, N patches, K kept patches, D encoder width,
+Dd decoder width, P = p * p * C pixels per patch.
+"""
+
+import inspect
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_mae.layers import (
+    Patchify,
+    PatchEmbedding,
+    SinCosPositionEmbedding,
+    TransformerBlock,
+    Unpatchify,
+    _pair,
+    drop_path_rates,
+    patch_grid,
+)
+from keras_mae.losses import NORM_PIX_EPSILON, masked_patch_loss, patch_statistics
+from keras_mae.masking import RandomMasking, check_mask_ratio, unshuffle
+from keras_mae.presets import check_preset
+
+TOKEN_INITIALIZER = keras.initializers.RandomNormal(stddev=0.02)
+
+
+def _check_positive_int(value, name):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def _blocks(depth, num_heads, mlp_ratio, drop_path_rate, epsilon, seed, policy, prefix):
+    return [
+        TransformerBlock(
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            drop_path_rate=rate,
+            layer_norm_epsilon=epsilon,
+            seed=None if seed is None else seed + i,
+            dtype=policy,
+            name=f"{prefix}_{i}",
+        )
+        for i, rate in enumerate(drop_path_rates(drop_path_rate, depth))
+    ]
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class MAEEncoder(keras.Model):
+    """The Vision Transformer encoder: images -> tokens `(B, 1 + N, D)`, class token first.
+
+    Called on images it runs on every patch (features for downstream use). Pre-training
+    uses its two halves: `embed` (patches -> position-aware tokens) and `encode`
+    (any subset of those tokens -> class token + encoded tokens), so the transformer
+    only ever sees the kept patches.
+
+    Args:
+        image_size: int or (height, width) of the input images.
+        patch_size: int or (height, width) of a patch; must tile the image.
+        num_channels: channels of the input images.
+        width: token width.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width over the token width.
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+        layer_norm_epsilon: epsilon of every layer norm.
+        seed: int seed of the drop-path randomness.
+    """
+
+    def __init__(
+        self,
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        width=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int(num_channels, "num_channels")
+        _check_positive_int(depth, "depth")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.width = width
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.seed = seed
+
+        self.grid_size = patch_grid(image_size, patch_size)
+        policy = self.dtype_policy
+        self.patch_embedding = PatchEmbedding(patch_size, width, dtype=policy, name="patch_embedding")
+        self.position_embedding = SinCosPositionEmbedding(
+            self.grid_size, dtype=policy, name="position_embedding"
+        )
+        self.blocks = _blocks(
+            depth, num_heads, mlp_ratio, drop_path_rate, layer_norm_epsilon, seed, policy, "block"
+        )
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=policy, name="norm"
+        )
+        self.build((None, *_pair(image_size, "image_size"), num_channels))
+
+    @property
+    def num_patches(self):
+        return self.grid_size[0] * self.grid_size[1]
+
+    def build(self, input_shape):
+        self.check_images(input_shape)
+        token_shape = (None, self.num_patches, self.width)
+        self.patch_embedding.build(input_shape)
+        self.position_embedding.build(token_shape)
+        self.class_token = self.add_weight(
+            shape=(1, 1, self.width), initializer=TOKEN_INITIALIZER, name="class_token"
+        )
+        for block in self.blocks:
+            block.build(token_shape)
+        self.norm.build(token_shape)
+        self.built = True
+
+    def check_images(self, shape):
+        """Raises a ValueError unless `shape` is `(batch, height, width, channels)` of this model."""
+        expected = (*_pair(self.image_size, "image_size"), self.num_channels)
+        if len(shape) != 4 or tuple(shape[1:]) != expected:
+            raise ValueError(
+                f"Expected images shaped (batch, {expected[0]}, {expected[1]}, {expected[2]}) "
+                f"(height, width, channels), got {tuple(shape)}."
+            )
+
+    def embed(self, images):
+        """Images `(B, H, W, C)` -> patch tokens with positions `(B, N, D)`."""
+        self.check_images(images.shape)
+        return self.position_embedding(self.patch_embedding(images))
+
+    def encode(self, tokens, training=None):
+        """Tokens `(B, T, D)` (any subset of patches) -> `(B, 1 + T, D)`, class token first."""
+        class_token = ops.cast(self.class_token, tokens.dtype)
+        class_token = ops.broadcast_to(class_token, (ops.shape(tokens)[0], 1, self.width))
+        x = ops.concatenate([class_token, tokens], axis=1)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return self.norm(x)
+
+    def call(self, images, training=None):
+        return self.encode(self.embed(images), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 1 + self.num_patches, self.width)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "width": self.width,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "drop_path_rate": self.drop_path_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "seed": self.seed,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class MAEDecoder(keras.Model):
+    """The lightweight decoder: encoded kept tokens -> pixels of every patch `(B, N, P)`.
+
+    Projects the encoder's tokens to its own width, appends one shared learned mask
+    token per removed patch, un-shuffles to image order, adds its own position
+    embeddings, runs its blocks and predicts each patch's pixels with a per-patch
+    linear head.
+
+    Args:
+        image_size, patch_size, num_channels: as the encoder's; they fix N and P.
+        input_width: the encoder's token width.
+        width, depth, num_heads, mlp_ratio, layer_norm_epsilon: the decoder's ViT.
+        use_mask_token: False when the encoder already holds every patch (the
+            paper's "encoder with [M]" baseline) and there is nothing to fill in.
+    """
+
+    def __init__(
+        self,
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        input_width=768,
+        width=512,
+        depth=8,
+        num_heads=16,
+        mlp_ratio=4.0,
+        layer_norm_epsilon=1e-6,
+        use_mask_token=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_positive_int(num_channels, "num_channels")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.input_width = input_width
+        self.width = width
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.use_mask_token = use_mask_token
+
+        self.grid_size = patch_grid(image_size, patch_size)
+        ph, pw = _pair(patch_size, "patch_size")
+        policy = self.dtype_policy
+        self.embed = keras.layers.Dense(width, dtype=policy, name="embed")
+        self.position_embedding = SinCosPositionEmbedding(
+            self.grid_size, dtype=policy, name="position_embedding"
+        )
+        self.blocks = _blocks(depth, num_heads, mlp_ratio, 0.0, layer_norm_epsilon, None, policy, "block")
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=policy, name="norm"
+        )
+        self.head = keras.layers.Dense(ph * pw * num_channels, dtype=policy, name="head")
+        self.build((None, None, input_width))
+
+    @property
+    def num_patches(self):
+        return self.grid_size[0] * self.grid_size[1]
+
+    def build(self, input_shape):
+        token_shape = (None, self.num_patches, self.width)
+        self.embed.build(input_shape)
+        if self.use_mask_token:
+            self.mask_token = self.add_weight(
+                shape=(1, 1, self.width), initializer=TOKEN_INITIALIZER, name="mask_token"
+            )
+        self.position_embedding.build(token_shape)
+        for block in self.blocks:
+            block.build(token_shape)
+        self.norm.build(token_shape)
+        self.head.build(token_shape)
+        self.built = True
+
+    def call(self, latent, ids_restore=None, training=None):
+        """`latent` `(B, 1 + K, D)` from the encoder; `ids_restore` `(B, N)` from the masking.
+
+        Without `ids_restore` the latent must already hold all N patches in image order.
+        """
+        x = self.embed(latent)  # (B, 1 + K, Dd)
+        class_token, patches = x[:, :1], x[:, 1:]
+        if ids_restore is not None:
+            if not self.use_mask_token:
+                raise ValueError("This decoder has no mask token: pass all N patches, no ids_restore.")
+            num_missing = self.num_patches - patches.shape[1]
+            mask_tokens = ops.broadcast_to(
+                ops.cast(self.mask_token, x.dtype), (ops.shape(x)[0], num_missing, self.width)
+            )
+            patches = unshuffle(ops.concatenate([patches, mask_tokens], axis=1), ids_restore)
+        x = ops.concatenate([class_token, self.position_embedding(patches)], axis=1)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return self.head(self.norm(x))[:, 1:]  # (B, N, P)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "input_width": self.input_width,
+            "width": self.width,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "use_mask_token": self.use_mask_token,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class MaskedAutoencoder(keras.Model):
+    """Masked Autoencoder (He et al., 2021) that pre-trains a ViT with plain `fit`.
+
+    `mae(images)` masks each image, encodes the kept patches, decodes every patch and
+    returns `{"pred": (B, N, P), "mask": (B, N) with 1 = removed, "ids_restore": (B, N)}`.
+    Training needs only images (labels, if the dataset yields them, are ignored): the
+    loss is the pixel MSE on the removed patches, computed in `compute_loss`, so every
+    backend's own `train_step` runs it.
+
+    Args:
+        image_size: int or (height, width) of the input images.
+        patch_size: int or (height, width) of a patch; must tile the image.
+        num_channels: channels of the input images (1 grayscale, 3 RGB, ...).
+        encoder_width, encoder_depth, encoder_num_heads: the ViT being pre-trained.
+        decoder_width, decoder_depth, decoder_num_heads: the decoder (thrown away after).
+        mlp_ratio: MLP hidden width over token width, encoder and decoder.
+        mask_ratio: fraction of patches removed, in (0, 1); 0.75 in the paper.
+        mask_sampling: "random" (paper default), "block" or "grid".
+        norm_pix_loss: predict per-patch normalised pixels (better features).
+        mask_tokens_in_encoder: the paper's slower baseline where the encoder runs on
+            all patches with mask tokens in place of the removed ones.
+        drop_path_rate: stochastic depth of the encoder (0 in MAE pre-training).
+        layer_norm_epsilon: epsilon of every layer norm.
+        seed: int seed of masking and drop path.
+    """
+
+    def __init__(
+        self,
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        encoder_width=768,
+        encoder_depth=12,
+        encoder_num_heads=12,
+        decoder_width=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+        mlp_ratio=4.0,
+        mask_ratio=0.75,
+        mask_sampling="random",
+        norm_pix_loss=False,
+        mask_tokens_in_encoder=False,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_mask_ratio(mask_ratio)
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.encoder_width = encoder_width
+        self.encoder_depth = encoder_depth
+        self.encoder_num_heads = encoder_num_heads
+        self.decoder_width = decoder_width
+        self.decoder_depth = decoder_depth
+        self.decoder_num_heads = decoder_num_heads
+        self.mlp_ratio = mlp_ratio
+        self.mask_ratio = mask_ratio
+        self.mask_sampling = mask_sampling
+        self.norm_pix_loss = norm_pix_loss
+        self.mask_tokens_in_encoder = mask_tokens_in_encoder
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.seed = seed
+
+        policy = self.dtype_policy
+        self.encoder = MAEEncoder(
+            image_size,
+            patch_size,
+            num_channels,
+            width=encoder_width,
+            depth=encoder_depth,
+            num_heads=encoder_num_heads,
+            mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path_rate,
+            layer_norm_epsilon=layer_norm_epsilon,
+            seed=seed,
+            dtype=policy,
+            name="encoder",
+        )
+        self.decoder = MAEDecoder(
+            image_size,
+            patch_size,
+            num_channels,
+            input_width=encoder_width,
+            width=decoder_width,
+            depth=decoder_depth,
+            num_heads=decoder_num_heads,
+            mlp_ratio=mlp_ratio,
+            layer_norm_epsilon=layer_norm_epsilon,
+            use_mask_token=not mask_tokens_in_encoder,
+            dtype=policy,
+            name="decoder",
+        )
+        self.masking = RandomMasking(
+            self.encoder.grid_size, mask_ratio, mask_sampling, seed=seed, name="masking"
+        )
+        self.patchify = Patchify(patch_size, name="patchify")
+        self.unpatchify = Unpatchify(image_size, patch_size, name="unpatchify")
+        self.build((None, *_pair(image_size, "image_size"), num_channels))
+
+    def build(self, input_shape):
+        self.encoder.check_images(input_shape)
+        if self.mask_tokens_in_encoder:
+            self.encoder_mask_token = self.add_weight(
+                shape=(1, 1, self.encoder_width),
+                initializer=TOKEN_INITIALIZER,
+                name="encoder_mask_token",
+            )
+        self.built = True
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """Builds a named configuration (`keras_mae.list_presets()`), any argument overridden."""
+        config = check_preset(name)
+        accepted = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(overrides) - set(accepted) - {"name", "dtype"})
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for {cls.__name__}; valid: "
+                f"{[p for p in accepted if p not in ('self', 'kwargs')]}."
+            )
+        return cls(**{**config, **overrides})
+
+    def call(self, images, noise=None, training=None):
+        tokens = self.encoder.embed(images)  # (B, N, D)
+        kept, mask, ids_restore = self.masking(tokens, noise=noise)  # (B, K, D), (B, N), (B, N)
+        if self.mask_tokens_in_encoder:
+            table = ops.cast(self.encoder.position_embedding.table, tokens.dtype)[None]
+            filler = ops.cast(self.encoder_mask_token, tokens.dtype) + table  # (1, N, D)
+            tokens = ops.where(ops.expand_dims(mask, -1) > 0, filler, tokens)
+            pred = self.decoder(self.encoder.encode(tokens, training=training), training=training)
+        else:
+            latent = self.encoder.encode(kept, training=training)  # (B, 1 + K, D)
+            pred = self.decoder(latent, ids_restore, training=training)
+        return {"pred": pred, "mask": mask, "ids_restore": ids_restore}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = masked_patch_loss(self.patchify(x), y_pred["pred"], y_pred["mask"], self.norm_pix_loss)
+        for extra in self.losses:
+            loss = loss + ops.cast(extra, loss.dtype)
+        return loss
+
+    def reconstruct(self, images, seed=0):
+        """Masks, encodes and decodes `images`; returns numpy arrays for display.
+
+        `"masked"` (removed patches zeroed), `"reconstruction"` (every patch predicted),
+        `"pasted"` (visible patches from the input, removed ones predicted), each shaped
+        like `images`, and `"mask"` `(B, N)`. With `norm_pix_loss` the prediction is
+        mapped back to pixels with each patch's own mean and variance, as the paper's
+        figures do. The same `seed` gives the same mask.
+        """
+        images = ops.convert_to_tensor(np.asarray(images, dtype="float32"))
+        self.encoder.check_images(images.shape)
+        noise = self.masking.sample_noise(images.shape[0], seed=seed)
+        outputs = self(images, noise=noise, training=False)
+        pred, mask = ops.cast(outputs["pred"], "float32"), outputs["mask"]
+        if self.norm_pix_loss:
+            mean, variance = patch_statistics(self.patchify(images))
+            pred = pred * ops.sqrt(variance + NORM_PIX_EPSILON) + mean
+        reconstruction = self.unpatchify(pred)
+        removed = self.unpatchify(ops.repeat(ops.expand_dims(mask, -1), pred.shape[-1], axis=-1))
+        visible = images * (1.0 - removed)
+        return {
+            "masked": ops.convert_to_numpy(visible),
+            "reconstruction": ops.convert_to_numpy(reconstruction),
+            "pasted": ops.convert_to_numpy(visible + reconstruction * removed),
+            "mask": ops.convert_to_numpy(mask),
+        }
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "encoder_width": self.encoder_width,
+            "encoder_depth": self.encoder_depth,
+            "encoder_num_heads": self.encoder_num_heads,
+            "decoder_width": self.decoder_width,
+            "decoder_depth": self.decoder_depth,
+            "decoder_num_heads": self.decoder_num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "mask_ratio": self.mask_ratio,
+            "mask_sampling": self.mask_sampling,
+            "norm_pix_loss": self.norm_pix_loss,
+            "mask_tokens_in_encoder": self.mask_tokens_in_encoder,
+            "drop_path_rate": self.drop_path_rate,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "seed": self.seed,
+        }
+

@@ -1,0 +1,32 @@
+"""Shared tiny configuration: every test builds models small enough for 2 CPU cores."""
+
+import numpy as np
+import pytest
+
+import keras_mae
+
+TINY = dict(
+    image_size=16,
+    patch_size=4,
+    num_channels=3,
+    encoder_width=16,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    decoder_width=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
+    seed=7,
+)
+
+
+def tiny_mae(**overrides):
+    return keras_mae.MaskedAutoencoder(**{**TINY, **overrides})
+
+
+def random_images(batch=4, size=16, channels=3, seed=0):
+    return np.random.default_rng(seed).random((batch, size, size, channels), dtype=np.float32)
+
+
+@pytest.fixture
+def images():
+    return random_images()

@@ -1,0 +1,151 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_mae.layers import (
+    DropPath,
+    MultiHeadSelfAttention,
+    PatchEmbedding,
+    Patchify,
+    SinCosPositionEmbedding,
+    TransformerBlock,
+    Unpatchify,
+    patch_grid,
+    sincos_position_table,
+)
+
+
+def to_numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 5])
+@pytest.mark.parametrize("image_size,patch_size", [(8, 4), ((12, 8), (3, 4)), (6, 1)])
+def test_patchify_unpatchify_are_exact_inverses(channels, image_size, patch_size):
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    images = np.random.default_rng(0).random((2, height, width, channels), dtype=np.float32)
+    patches = Patchify(patch_size)(images)
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    assert tuple(patches.shape) == (2, (height // ph) * (width // pw), ph * pw * channels)
+    np.testing.assert_array_equal(to_numpy(Unpatchify(image_size, patch_size)(patches)), images)
+
+
+def test_patchify_layout_is_row_major_patches_of_row_column_channel():
+    images = np.arange(2 * 4 * 4 * 2, dtype=np.float32).reshape(2, 4, 4, 2)
+    patches = to_numpy(Patchify(2)(images))
+    # Second patch of the first row: rows 0-1, columns 2-3, channels interleaved last.
+    np.testing.assert_array_equal(patches[0, 1], images[0, 0:2, 2:4, :].reshape(-1))
+    # First patch of the second row.
+    np.testing.assert_array_equal(patches[1, 2], images[1, 2:4, 0:2, :].reshape(-1))
+
+
+def test_patch_grid_rejects_sizes_that_do_not_tile():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        patch_grid(30, 4)
+    with pytest.raises(ValueError, match="positive int"):
+        patch_grid(0, 4)
+
+
+def test_sincos_table_matches_its_definition():
+    table = sincos_position_table((3, 5), 8)
+    assert table.shape == (15, 8)
+    # Patch (row 1, column 2) is index 7; width 8 -> 2 frequencies per sin/cos quarter.
+    freqs = 1.0 / 10000 ** (np.arange(2) / 2)
+    expected = np.concatenate([np.sin(2 * freqs), np.cos(2 * freqs), np.sin(1 * freqs), np.cos(1 * freqs)])
+    np.testing.assert_allclose(table[7], expected, rtol=1e-6)
+    # Patches in one column share the first half, patches in one row the second.
+    np.testing.assert_array_equal(table[2, :4], table[12, :4])
+    np.testing.assert_array_equal(table[5, 4:], table[9, 4:])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_table((2, 2), 6)
+
+
+def test_position_embedding_is_fixed_and_added():
+    layer = SinCosPositionEmbedding((2, 2))
+    tokens = np.zeros((3, 4, 8), dtype=np.float32)
+    out = to_numpy(layer(tokens))
+    np.testing.assert_allclose(out[1], sincos_position_table((2, 2), 8), rtol=1e-6)
+    assert layer.trainable_weights == [] and len(layer.non_trainable_weights) == 1
+    with pytest.raises(ValueError, match="Expected 4 patch tokens"):
+        SinCosPositionEmbedding((2, 2))(np.zeros((1, 5, 8), dtype=np.float32))
+
+
+def test_patch_embedding_is_a_linear_map_of_each_patch():
+    layer = PatchEmbedding(4, 6)
+    images = np.random.default_rng(1).random((2, 8, 8, 3), dtype=np.float32)
+    out = to_numpy(layer(images))
+    kernel, bias = (to_numpy(w) for w in layer.projection.weights)
+    expected = to_numpy(Patchify(4)(images)) @ kernel + bias
+    assert out.shape == (2, 4, 6)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_a_plain_softmax_attention():
+    layer = MultiHeadSelfAttention(num_heads=2)
+    x = np.random.default_rng(2).random((2, 5, 8), dtype=np.float32)
+    out = to_numpy(layer(x))
+    w_qkv, b_qkv, w_proj, b_proj = (to_numpy(w) for w in layer.weights)
+    q, k, v = np.split(x @ w_qkv + b_qkv, 3, axis=-1)
+    heads = []
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        logits = q[..., sl] @ np.swapaxes(k[..., sl], 1, 2) / 2.0
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        heads.append(weights / weights.sum(-1, keepdims=True) @ v[..., sl])
+    expected = np.concatenate(heads, axis=-1) @ w_proj + b_proj
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        MultiHeadSelfAttention(num_heads=3)(x)
+
+
+def test_drop_path_drops_whole_samples_only_while_training():
+    layer = DropPath(0.5, seed=3)
+    x = np.ones((256, 3, 4), dtype=np.float32)
+    np.testing.assert_array_equal(to_numpy(layer(x, training=False)), x)
+    out = to_numpy(layer(x, training=True))
+    per_sample = out.reshape(256, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))
+    assert 0.3 < (per_sample[:, 0] == 0).mean() < 0.7
+    with pytest.raises(ValueError, match="rate"):
+        DropPath(1.0)
+
+
+def test_transformer_block_is_residual_pre_norm():
+    block = TransformerBlock(num_heads=2, mlp_ratio=2.0)
+    x = np.random.default_rng(4).random((2, 5, 8), dtype=np.float32)
+    assert tuple(block(x).shape) == (2, 5, 8)
+    assert block.mlp_hidden.units == 16
+    # Zeroing the two output projections leaves only the residual path.
+    for dense in (block.attention.proj, block.mlp_output):
+        for w in dense.weights:
+            w.assign(np.zeros(w.shape, dtype=np.float32))
+    np.testing.assert_allclose(to_numpy(block(x)), x, rtol=1e-6)
+
+
+LAYER_CASES = [
+    (lambda: Patchify((2, 4)), (2, 8, 8, 3)),
+    (lambda: Unpatchify((8, 8), (2, 4)), (2, 8, 24)),
+    (lambda: PatchEmbedding(4, 8), (2, 8, 8, 3)),
+    (lambda: SinCosPositionEmbedding((2, 2)), (2, 4, 8)),
+    (lambda: DropPath(0.1, seed=1), (2, 4, 8)),
+    (lambda: MultiHeadSelfAttention(2, qkv_bias=False), (2, 4, 8)),
+    (lambda: TransformerBlock(2, mlp_ratio=3.0, drop_path_rate=0.1, layer_norm_epsilon=1e-5, seed=2), (2, 4, 8)),
+]
+
+
+@pytest.mark.parametrize("make,shape", LAYER_CASES)
+def test_layer_config_round_trip_gives_same_layer_and_outputs(make, shape):
+    layer = make()
+    x = np.random.default_rng(5).random(shape, dtype=np.float32)
+    out = to_numpy(layer(x))
+    config = layer.get_config()
+    clone = layer.__class__.from_config(config)
+    assert clone.get_config() == config
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(to_numpy(clone(x)), out)
+    # Through Keras' own (de)serialisation, registered name included.
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(revived) is type(layer) and revived.get_config() == config
