@@ -7,6 +7,7 @@ NORM_PIX_EPSILON = 1e-6
 
 def patch_statistics(patches):
     """Per-patch mean and unbiased variance over the last axis (as `torch.var`)."""
+    patches = ops.convert_to_tensor(patches)
     mean = ops.mean(patches, axis=-1, keepdims=True)
     count = patches.shape[-1]
     variance = ops.sum(ops.square(patches - mean), axis=-1, keepdims=True) / (count - 1)
@@ -15,6 +16,7 @@ def patch_statistics(patches):
 
 def normalize_patches(patches):
     """The `norm_pix_loss` target: each patch minus its mean, over its standard deviation."""
+    patches = ops.convert_to_tensor(patches)
     mean, variance = patch_statistics(patches)
     return (patches - mean) / ops.sqrt(variance + NORM_PIX_EPSILON)
 

@@ -68,7 +68,7 @@ class RandomMasking(keras.layers.Layer):
         jitter = keras.random.uniform(shape, seed=seed)
         if self.mask_sampling == "random":
             return jitter
-        rows, cols = (ops.convert_to_tensor(a.reshape(-1)) for a in np.indices(self.grid_size))
+        rows, cols = (ops.convert_to_tensor(a.reshape(-1), "int32") for a in np.indices(self.grid_size))
         if self.mask_sampling == "grid":
             return jitter + 1.0 - self._grid_points(batch_size, rows, cols, seed)
         return jitter + self._block_priority(batch_size, rows, cols, seed)

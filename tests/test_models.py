@@ -1,0 +1,155 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_mae
+from conftest import TINY, random_images, tiny_mae
+
+
+def test_call_returns_predictions_and_mask(images):
+    outputs = tiny_mae()(images)
+    assert tuple(outputs["pred"].shape) == (4, 16, 48)  # 4 x 4 patches of 4 x 4 x 3
+    assert tuple(outputs["mask"].shape) == (4, 16)
+    assert tuple(outputs["ids_restore"].shape) == (4, 16)
+    assert keras.backend.standardize_dtype(outputs["pred"].dtype) == "float32"
+    assert "int" in keras.backend.standardize_dtype(outputs["ids_restore"].dtype)
+    np.testing.assert_array_equal(ops.convert_to_numpy(outputs["mask"]).sum(axis=1), 12)
+
+
+def test_encoder_alone_maps_images_to_all_tokens(images):
+    encoder = tiny_mae().encoder
+    assert isinstance(encoder, keras.Model)
+    assert tuple(encoder(images).shape) == (4, 1 + 16, 16)
+    with pytest.raises(ValueError, match=r"Expected images shaped \(batch, 16, 16, 3\)"):
+        encoder(random_images(size=32))
+
+
+def test_encoder_sees_only_the_kept_patches(images):
+    mae = tiny_mae()
+    seen = []
+    original = mae.encoder.encode
+    mae.encoder.encode = lambda tokens, training=None: seen.append(tuple(tokens.shape)) or original(tokens, training)
+    mae(images)
+    assert seen == [(4, 4, 16)]
+
+
+def test_pixels_of_removed_patches_cannot_change_any_prediction(images):
+    # Changing a removed patch's pixels cannot change any prediction: the encoder never sees it.
+    mae = tiny_mae()
+    noise = ops.convert_to_numpy(mae.masking.sample_noise(4, seed=1))
+    first = mae(images, noise=noise)
+    mask = ops.convert_to_numpy(first["mask"])
+    changed = images.copy()
+    patch = int(np.flatnonzero(mask[0])[0])
+    row, col = divmod(patch, 4)
+    changed[0, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4] = 9.0
+    second = mae(changed, noise=noise)
+    np.testing.assert_allclose(ops.convert_to_numpy(first["pred"]), ops.convert_to_numpy(second["pred"]), atol=1e-6)
+
+
+def test_baseline_with_mask_tokens_in_encoder_runs_on_all_patches(images):
+    mae = tiny_mae(mask_tokens_in_encoder=True)
+    seen = []
+    original = mae.encoder.encode
+    mae.encoder.encode = lambda tokens, training=None: seen.append(tuple(tokens.shape)) or original(tokens, training)
+    outputs = mae(images)
+    assert seen == [(4, 16, 16)]
+    assert tuple(outputs["pred"].shape) == (4, 16, 48)
+    assert not hasattr(mae.decoder, "mask_token")
+    assert any("encoder_mask_token" in w.path for w in mae.trainable_weights)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(norm_pix_loss=True, mask_sampling="block"), dict(mask_tokens_in_encoder=True, mask_sampling="grid")],
+)
+def test_a_few_fit_steps_lower_the_loss(options):
+    mae = tiny_mae(**options)
+    mae.compile(optimizer=keras.optimizers.AdamW(3e-3))
+    images = random_images(batch=32, seed=1)
+    before = mae.evaluate(images, batch_size=32, verbose=0)
+    history = mae.fit(images, batch_size=8, epochs=4, verbose=0)
+    after = mae.evaluate(images, batch_size=32, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert after < 0.8 * before
+
+
+def test_fit_ignores_labels_when_the_data_has_them():
+    mae = tiny_mae()
+    mae.compile(optimizer="adamw")
+    history = mae.fit(random_images(batch=8), np.arange(8), batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_reconstruct_pastes_visible_input_and_predicted_masked_patches(images):
+    mae = tiny_mae()
+    result = mae.reconstruct(images, seed=3)
+    assert set(result) >= {"masked", "reconstruction", "pasted", "mask"}
+    for key in ("masked", "reconstruction", "pasted"):
+        assert isinstance(result[key], np.ndarray) and result[key].shape == images.shape
+    removed = np.repeat(np.repeat(result["mask"].reshape(4, 4, 4), 4, axis=1), 4, axis=2)[..., None]
+    np.testing.assert_allclose(result["pasted"], np.where(removed, result["reconstruction"], images), atol=1e-6)
+    np.testing.assert_array_equal(result["masked"], np.where(removed, 0.0, images))
+    again = mae.reconstruct(images, seed=3)
+    np.testing.assert_array_equal(again["mask"], result["mask"])
+    np.testing.assert_array_equal(again["pasted"], result["pasted"])
+    assert not np.array_equal(mae.reconstruct(images, seed=4)["mask"], result["mask"])
+
+
+def test_norm_pix_reconstruction_is_mapped_back_to_pixels(images):
+    mae = tiny_mae(norm_pix_loss=True)
+    noise = ops.convert_to_numpy(mae.masking.sample_noise(4, seed=0))
+    pred = ops.convert_to_numpy(mae(images, noise=noise)["pred"])
+    patches = ops.convert_to_numpy(mae.patchify(images))
+    expected = pred * np.sqrt(patches.var(-1, ddof=1, keepdims=True) + 1e-6) + patches.mean(-1, keepdims=True)
+    got = ops.convert_to_numpy(mae.patchify(mae.reconstruct(images, seed=0)["reconstruction"]))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_grayscale_and_non_square_images():
+    mae = tiny_mae(image_size=(8, 12), patch_size=(4, 2), num_channels=1)
+    images = np.random.default_rng(0).random((2, 8, 12, 1), dtype=np.float32)
+    assert tuple(mae(images)["pred"].shape) == (2, 12, 8)
+    assert mae.reconstruct(images)["pasted"].shape == images.shape
+
+
+def test_config_holds_the_image_geometry():
+    config = tiny_mae().get_config()
+    assert {config[k] for k in ("image_size", "patch_size", "num_channels")} == {16, 4, 3}
+    assert {k: config[k] for k in TINY} == TINY
+    clone = keras_mae.MaskedAutoencoder.from_config(config)
+    assert clone.get_config() == config
+    encoder_config = clone.encoder.get_config()
+    assert keras_mae.MAEEncoder.from_config(encoder_config).get_config() == encoder_config
+    decoder_config = clone.decoder.get_config()
+    assert keras_mae.MAEDecoder.from_config(decoder_config).get_config() == decoder_config
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(image_size=18), "not divisible by patch_size"),
+        (dict(mask_ratio=1.0), "mask_ratio must be a number strictly between 0 and 1"),
+        (dict(mask_ratio=0), "mask_ratio must be a number strictly between 0 and 1"),
+        (dict(num_channels=0), "num_channels"),
+        (dict(encoder_num_heads=3), "not divisible by num_heads"),
+        (dict(encoder_width=18, encoder_num_heads=2), "divisible by 4"),
+        (dict(mask_sampling="checkerboard"), "mask_sampling must be one of"),
+    ],
+)
+def test_bad_configuration_raises_a_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_mae(**overrides)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 16, 16, 1), (2, 16, 16, 4), (2, 32, 32, 3), (16, 16, 3)]
+)
+def test_images_of_the_wrong_shape_raise_a_clear_error(shape):
+    images = np.zeros(shape, dtype=np.float32)
+    mae = tiny_mae()
+    with pytest.raises(ValueError, match=r"Expected images shaped \(batch, 16, 16, 3\)"):
+        mae(images)
+    with pytest.raises(ValueError, match=r"Expected images shaped"):
+        mae.reconstruct(images)
