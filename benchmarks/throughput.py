@@ -1,0 +1,106 @@
+"""Pre-training throughput of keras-mae: images/second of `fit` steps and peak memory.
+
+Times forward + backward + AdamW update through `MaskedAutoencoder.fit` on random
+images (the input pipeline is not part of the figure), after warm-up steps that
+absorb compilation. With `--compare-mask-tokens` it also times the paper's
+"encoder with [M]" baseline and prints how much faster the asymmetric design is.
+
+    python benchmarks/throughput.py --backend jax --preset mae_vit_base_patch16 --batch-size 8
+    python benchmarks/throughput.py --backend torch --preset mae_vit_tiny_patch4 --compare-mask-tokens
+
+Last line: `img_per_s=<float>`, or `speedup=<float>` with `--compare-mask-tokens`.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default=os.environ.get("KERAS_BACKEND", "tensorflow"),
+                        help="Keras backend to time (default: $KERAS_BACKEND or tensorflow).")
+    parser.add_argument("--preset", default="mae_vit_tiny_patch4", help="keras_mae preset name (default: %(default)s).")
+    parser.add_argument("--image-size", type=int, default=None, help="Override the preset's image size.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Images per training step (default: %(default)s).")
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps after warm-up (default: %(default)s).")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first, for compilation (default: %(default)s).")
+    parser.add_argument("--mask-tokens-in-encoder", action="store_true",
+                        help="Time the paper's baseline whose encoder runs on all patches with mask tokens.")
+    parser.add_argument("--compare-mask-tokens", action="store_true",
+                        help="Time both designs, alternating, and print the asymmetric speed-up.")
+    parser.add_argument("--repeats", type=int, default=2, help="Alternating rounds with --compare-mask-tokens (default: %(default)s).")
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "steps", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import keras
+    import numpy as np
+
+    import keras_mae
+
+    overrides = {} if args.image_size is None else {"image_size": args.image_size}
+    try:
+        config = {**keras_mae.MaskedAutoencoder.from_preset(args.preset, **overrides).get_config()}
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    height, width = (config["image_size"],) * 2 if isinstance(config["image_size"], int) else config["image_size"]
+    batch = np.random.default_rng(0).random((args.batch_size, height, width, config["num_channels"]), dtype=np.float32)
+
+    class SameBatch(keras.utils.PyDataset):
+        def __len__(self):
+            return args.warmup + args.steps
+
+        def __getitem__(self, index):
+            return batch
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_batch_end(self, step, logs=None):
+            if step + 1 == args.warmup:
+                self.start = time.perf_counter()
+
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    def images_per_second(mask_tokens_in_encoder):
+        mae = keras_mae.MaskedAutoencoder(**{**config, "mask_tokens_in_encoder": mask_tokens_in_encoder})
+        mae.compile(optimizer=keras.optimizers.AdamW(1e-4, beta_2=0.95, weight_decay=0.05))
+        timer = StepTimer()
+        mae.fit(SameBatch(), epochs=1, verbose=0, callbacks=[timer])
+        return args.batch_size * args.steps / timer.seconds
+
+    name = f"{args.preset} {height}x{width} batch {args.batch_size} on {keras.backend.backend()}"
+    if args.compare_mask_tokens:
+        rates = {False: [], True: []}
+        for _ in range(args.repeats):
+            for variant in (False, True):
+                rates[variant].append(images_per_second(variant))
+        fast, slow = max(rates[False]), max(rates[True])
+        print(f"{name}: asymmetric encoder {fast:.2f} img/s, encoder with mask tokens {slow:.2f} img/s")
+        print(f"peak_rss_mib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+        print(f"img_per_s={fast:.2f}")
+        print(f"speedup={fast / slow:.3f}")
+    else:
+        rate = images_per_second(args.mask_tokens_in_encoder)
+        print(f"{name}{' (mask tokens in encoder)' if args.mask_tokens_in_encoder else ''}: {rate:.2f} img/s")
+        print(f"peak_rss_mib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+        print(f"img_per_s={rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
