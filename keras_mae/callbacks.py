@@ -1,0 +1,96 @@
+"""Callbacks of a pre-training run: reconstruction pictures and crash-safe checkpoints."""
+
+import json
+import os
+from pathlib import Path
+
+import keras
+
+from keras_mae.visualize import save_reconstructions
+
+
+def write_atomically(path, write):
+    """Calls `write(temporary_path)`, then renames over `path`: readers never see half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.partial{path.suffix}")
+    write(str(temporary))
+    os.replace(temporary, path)
+
+
+def write_json(path, data):
+    def dump(temporary):
+        with open(temporary, "w") as stream:
+            json.dump(data, stream, indent=2, sort_keys=True, default=str)
+            stream.write("\n")
+
+    write_atomically(path, dump)
+
+
+class ReconstructionLogger(keras.callbacks.Callback):
+    """Every `every` epochs, a PNG grid of fixed images: original | masked | reconstruction
+    | visible patches pasted back, the same mask each time so epochs compare.
+
+    Args:
+        images: float32 `(n, H, W, C)` in [0, 1], held out from training.
+        output_dir: where `epoch_XXX.png` files go.
+        every: epochs between pictures (the last epoch always gets one).
+        log_dir: TensorBoard log folder for the same pictures, or None.
+        seed: mask seed.
+    """
+
+    def __init__(self, images, output_dir, every=1, log_dir=None, seed=0):
+        super().__init__()
+        self.images = images
+        self.output_dir = Path(output_dir)
+        self.every = max(1, int(every))
+        self.log_dir = log_dir
+        self.seed = seed
+        self.last_path = None
+
+    def on_train_begin(self, logs=None):
+        self.epochs = self.params.get("epochs")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every and epoch + 1 != self.epochs:
+            return
+        path = self.output_dir / f"epoch_{epoch + 1:03d}.png"
+        loss = (logs or {}).get("loss")
+        title = f"epoch {epoch + 1}" + (f", loss {loss:.4f}" if loss is not None else "")
+        pixels = save_reconstructions(self.model, self.images, path, seed=self.seed, title=title)
+        self.last_path = path
+        if self.log_dir:
+            import tensorflow as tf  # TensorBoard's own writer
+
+            with tf.summary.create_file_writer(str(self.log_dir)).as_default():
+                tf.summary.image("reconstructions", pixels[None], step=epoch + 1)
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Saves the whole model (weights, optimizer, seed state) after every epoch, atomically.
+
+    `checkpoint_XXX.keras` is written under a temporary name and renamed; `state.json`,
+    renamed the same way, then points at it; older checkpoints are deleted last. A
+    process killed at any moment leaves `state.json` naming a complete file.
+    """
+
+    def __init__(self, run_dir, extra_state=None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.extra_state = extra_state or {}
+
+    @staticmethod
+    def load_state(run_dir):
+        path = Path(run_dir) / "state.json"
+        if not path.is_file():
+            return None
+        with open(path) as stream:
+            return json.load(stream)
+
+    def on_epoch_end(self, epoch, logs=None):
+        name = f"checkpoint_{epoch + 1:03d}.keras"
+        write_atomically(self.run_dir / name, self.model.save)
+        write_json(self.run_dir / "state.json", {**self.extra_state, "epoch": epoch + 1, "checkpoint": name})
+        for old in self.run_dir.glob("checkpoint_*.keras"):
+            if old.name != name:
+                old.unlink()

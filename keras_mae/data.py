@@ -1,0 +1,355 @@
+"""Where images come from, and the `tf.data` pipeline that feeds `fit` on every backend.
+
+Sources (`load_source(spec)`):
+- `fashion_mnist`: the four IDX `.gz` files, looked up in `data_dir`, then
+  `/usr/share/datasets/fashion-mnist/` (Debian's `dataset-fashion-mnist`), then keras'
+  cache `~/.keras/datasets/fashion-mnist/`, then downloaded through keras.
+- `tfds:NAME[:SPLIT]`: any `tensorflow_datasets` dataset with an `image` feature.
+- a folder: every png/jpg/jpeg/bmp/gif below it; sub-folders are class labels when
+  images sit in them. Files that cannot be decoded are skipped with one warning.
+- `synthetic`: random shapes, for smoke tests only.
+
+Images reach the model as float32 in [0, 1], `(batch, height, width, channels)`.
+"""
+
+import dataclasses
+import gzip
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+FASHION_MNIST_DIRS = (
+    Path("/usr/share/datasets/fashion-mnist"),
+    Path("~/.keras/datasets/fashion-mnist").expanduser(),
+)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+class DataError(ValueError):
+    """A data source that cannot be used, with a message meant for the user."""
+
+
+@dataclasses.dataclass
+class ImageSource:
+    """Images and labels of one split, before resizing and batching.
+
+    Either `images` (uint8 `(N, H, W, C)` in memory) or `files` (paths decoded in the
+    pipeline) or `dataset` (a `tf.data.Dataset` of `(uint8 image, label)`) is set.
+    `labels` is None when the source has none.
+    """
+
+    name: str
+    description: str
+    num_examples: int
+    num_channels: int
+    class_names: tuple = ()
+    images: np.ndarray = None
+    files: list = None
+    dataset: tf.data.Dataset = None
+    labels: np.ndarray = None
+
+    @property
+    def has_labels(self):
+        return bool(self.class_names)
+
+    def take(self, count):
+        """The first `count` examples only."""
+        count = min(count, self.num_examples)
+        return dataclasses.replace(
+            self,
+            description=f"{self.description}, first {count} used",
+            num_examples=count,
+            images=None if self.images is None else self.images[:count],
+            files=None if self.files is None else self.files[:count],
+            dataset=None if self.dataset is None else self.dataset.take(count),
+            labels=None if self.labels is None else self.labels[:count],
+        )
+
+
+def read_idx(path):
+    """Reads an IDX file (gzipped or not) into a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        data = stream.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes.")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: header says {shape}, found {body.size} values.")
+    return body.reshape(shape)
+
+
+def find_fashion_mnist(data_dir=None, split="train"):
+    """The first folder holding this split's two IDX files, or None. A `data_dir` given
+    is the only place looked at: a user who names a folder means that folder."""
+    candidates = [Path(data_dir).expanduser()] if data_dir else FASHION_MNIST_DIRS
+    for folder in candidates:
+        if all((folder / name).is_file() for name in FASHION_MNIST_FILES[split]):
+            return folder
+    return None
+
+
+def load_fashion_mnist(split="train", data_dir=None):
+    if split not in FASHION_MNIST_FILES:
+        raise DataError(f"Fashion-MNIST has splits {sorted(FASHION_MNIST_FILES)}, not {split!r}.")
+    folder = find_fashion_mnist(data_dir, split)
+    if folder is None and data_dir:
+        raise DataError(
+            f"--data-dir {data_dir} does not hold the Fashion-MNIST files {FASHION_MNIST_FILES[split]}."
+        )
+    if folder is None:
+        import keras
+
+        try:
+            keras.datasets.fashion_mnist.load_data()  # downloads into keras' cache
+        except Exception as error:  # no network: say where the files were looked for
+            raise DataError(
+                "Fashion-MNIST not found in "
+                + ", ".join(str(d) for d in FASHION_MNIST_DIRS)
+                + f" and the download failed ({error}). Install it with "
+                "`apt-get install dataset-fashion-mnist` or pass --data-dir."
+            ) from None
+        folder = find_fashion_mnist(None, split)
+    image_file, label_file = (folder / name for name in FASHION_MNIST_FILES[split])
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise DataError(f"{folder}: images {images.shape} and labels {labels.shape} do not match.")
+    return ImageSource(
+        name="fashion_mnist",
+        description=f"Fashion-MNIST {split} ({len(images)} images) from {folder}",
+        num_examples=len(images),
+        num_channels=1,
+        class_names=FASHION_MNIST_CLASSES,
+        images=images[..., None],
+        labels=labels.astype("int32"),
+    )
+
+
+def _decodable(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:
+        return False
+
+
+def load_image_folder(folder):
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"Dataset folder {folder} does not exist.")
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+    good = [p for p in files if _decodable(p)]
+    if not good:
+        raise DataError(f"None of the {len(files)} image files under {folder} can be decoded.")
+    if len(good) < len(files):
+        warnings.warn(
+            f"Skipping {len(files) - len(good)} of {len(files)} image files under {folder} "
+            "that cannot be decoded.",
+            stacklevel=2,
+        )
+    classes = sorted({p.relative_to(folder).parts[0] for p in good if len(p.relative_to(folder).parts) > 1})
+    in_classes = all(len(p.relative_to(folder).parts) > 1 for p in good)
+    labels = None
+    if classes and in_classes:
+        index = {name: i for i, name in enumerate(classes)}
+        labels = np.array([index[p.relative_to(folder).parts[0]] for p in good], dtype="int32")
+    else:
+        classes = []
+    return ImageSource(
+        name=folder.name,
+        description=f"{len(good)} images from {folder}"
+        + (f" in {len(classes)} classes" if classes else " (no class sub-folders)"),
+        num_examples=len(good),
+        num_channels=3,
+        class_names=tuple(classes),
+        files=[str(p) for p in good],
+        labels=labels,
+    )
+
+
+def load_tfds(name, split="train", data_dir=None):
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:
+        raise DataError(f"Unknown TFDS dataset {name!r}: {error}") from None
+    features = builder.info.features
+    if "image" not in features:
+        raise DataError(f"TFDS dataset {name!r} has no 'image' feature (features: {list(features)}).")
+    try:
+        builder.download_and_prepare()
+    except Exception as error:
+        raise DataError(f"Could not download or prepare TFDS dataset {name!r}: {error}") from None
+    splits = builder.info.splits
+    if splits and split not in splits:
+        raise DataError(f"TFDS dataset {name!r} has splits {list(splits)}, not {split!r}.")
+    dataset = builder.as_dataset(split=split, shuffle_files=True)
+    label = features["label"] if "label" in features else None
+    class_names = tuple(label.names) if label is not None and hasattr(label, "names") else ()
+    dataset = dataset.map(
+        lambda example: (example["image"], example["label"] if class_names else tf.constant(-1, tf.int64))
+    )
+    num_examples = splits[split].num_examples if split in splits else int(dataset.reduce(0, lambda n, _: n + 1))
+    return ImageSource(
+        name=name,
+        description=f"TFDS {name}:{split} ({num_examples} images)",
+        num_examples=num_examples,
+        num_channels=features["image"].shape[-1] or 3,
+        class_names=class_names,
+        dataset=dataset,
+    )
+
+
+def synthetic_source(num_examples=512, size=32, channels=3, seed=0):
+    """Random rectangles on noise: learnable structure, no files."""
+    rng = np.random.default_rng(seed)
+    images = (rng.random((num_examples, size, size, channels)) * 64).astype("uint8")
+    corners = rng.integers(0, size // 2, size=(num_examples, 2))
+    extents = rng.integers(size // 4, size // 2, size=(num_examples, 2))
+    labels = rng.integers(0, 4, size=num_examples).astype("int32")
+    for image, (top, left), (h, w), label in zip(images, corners, extents, labels):
+        image[top : top + h, left : left + w] = 80 + 50 * label
+    return ImageSource(
+        name="synthetic",
+        description=f"{num_examples} synthetic {size}x{size} images (smoke tests only)",
+        num_examples=num_examples,
+        num_channels=channels,
+        class_names=("0", "1", "2", "3"),
+        images=images,
+        labels=labels,
+    )
+
+
+def load_source(spec, split="train", data_dir=None):
+    """Reads a `--dataset` value: fashion_mnist, tfds:NAME[:SPLIT], synthetic or a folder."""
+    if spec == "fashion_mnist":
+        return load_fashion_mnist(split, data_dir)
+    if spec == "synthetic":
+        return synthetic_source(seed=0 if split == "train" else 1)
+    if spec.startswith("tfds:"):
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not parts[1]:
+            raise DataError(f"Expected tfds:NAME or tfds:NAME:SPLIT, got {spec!r}.")
+        return load_tfds(parts[1], parts[2] if len(parts) == 3 else split, data_dir)
+    if os.path.exists(spec) or os.sep in spec or spec.startswith(("~", ".")):
+        return load_image_folder(spec)
+    raise DataError(
+        f"Dataset {spec!r} is neither fashion_mnist, synthetic, tfds:NAME[:SPLIT] nor an existing folder."
+    )
+
+
+def _decode_file(path):
+    """Any supported file as RGB (palette, grayscale and alpha included): every decoder
+    TensorFlow has can produce 3 channels, not all can produce 1 or 4."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def to_model_images(image, image_size, channels):
+    """uint8 image of any size and channel count -> float32 `image_size` in [0, 1]."""
+    image = tf.convert_to_tensor(image)
+    have = image.shape[-1]
+    if have != channels:
+        if have == 4:
+            image = image[..., :3]
+            have = 3
+        if have == 3 and channels == 1:
+            image = tf.image.rgb_to_grayscale(image)
+        elif have == 1 and channels == 3:
+            image = tf.image.grayscale_to_rgb(image)
+        elif have != channels:
+            raise DataError(f"Cannot convert {have}-channel images to {channels} channels.")
+    image = tf.cast(image, tf.float32) / 255.0
+    if tuple(image.shape[-3:-1]) != tuple(image_size):
+        image = tf.image.resize(image, image_size, antialias=True)
+    return image
+
+
+def image_dataset(source, image_size, channels, with_labels=False):
+    """Unbatched `tf.data.Dataset` of float32 images (and labels) at `image_size`."""
+    labels = source.labels if source.labels is not None else np.full(source.num_examples, -1, "int32")
+    if source.images is not None:
+        dataset = tf.data.Dataset.from_tensor_slices((source.images, labels))
+    elif source.files is not None:
+        dataset = tf.data.Dataset.from_tensor_slices((source.files, labels)).map(
+            lambda path, label: (_decode_file(path), label),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        # The scan in load_image_folder drops undecodable files; this catches any that
+        # PIL reads but TensorFlow does not, instead of failing mid-epoch.
+        dataset = dataset.ignore_errors()
+    else:
+        dataset = source.dataset
+    dataset = dataset.map(
+        lambda image, label: (to_model_images(image, image_size, channels), tf.cast(label, tf.int32)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset if with_labels else dataset.map(lambda image, label: image)
+
+
+def make_pipeline(
+    source,
+    image_size,
+    channels,
+    batch_size,
+    training=True,
+    augment=None,
+    with_labels=False,
+    seed=0,
+    cache_limit_bytes=2 * 1024**3,
+    shuffle_buffer=10_000,
+):
+    """Batched, prefetched pipeline; `augment` is a batch-level callable run in tf.data.
+
+    Decoded images are cached in memory when they fit under `cache_limit_bytes`.
+    """
+    dataset = image_dataset(source, image_size, channels, with_labels)
+    if source.num_examples * image_size[0] * image_size[1] * channels * 4 <= cache_limit_bytes:
+        dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(min(shuffle_buffer, source.num_examples), seed=seed)
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    if training and augment is not None:
+        if with_labels:
+            dataset = dataset.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def pretraining_augmentation(image_size, seed=None):
+    """The paper's pre-training augmentation on a batch: random resized crop
+    (area 0.2 to 1, aspect 3/4 to 4/3) and horizontal flip, from keras-cv and keras."""
+    import keras
+    import keras_cv
+
+    crop = keras_cv.layers.RandomCropAndResize(
+        target_size=tuple(image_size),
+        crop_area_factor=(0.2, 1.0),
+        aspect_ratio_factor=(3 / 4, 4 / 3),
+        seed=seed,
+    )
+    flip = keras.layers.RandomFlip("horizontal", seed=seed)
+    return lambda images: flip(crop(images))

@@ -1,0 +1,146 @@
+import gzip
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from keras_mae.data import (
+    DataError,
+    FASHION_MNIST_FILES,
+    load_fashion_mnist,
+    load_image_folder,
+    load_source,
+    make_pipeline,
+    pretraining_augmentation,
+    read_idx,
+)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as stream:
+        stream.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion_mnist(folder, count=12):
+    rng = np.random.default_rng(0)
+    for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
+        write_idx(folder / images_name, rng.integers(0, 256, (count, 28, 28)))
+        write_idx(folder / labels_name, np.arange(count) % 10)
+    return folder
+
+
+def test_idx_files_from_data_dir(tmp_path):
+    source = load_fashion_mnist("train", data_dir=fake_fashion_mnist(tmp_path))
+    assert source.images.shape == (12, 28, 28, 1) and source.images.dtype == np.uint8
+    np.testing.assert_array_equal(source.labels, np.arange(12) % 10)
+    assert str(tmp_path) in source.description and source.num_channels == 1
+    assert len(source.class_names) == 10
+
+
+def test_read_idx_rejects_other_and_truncated_files(tmp_path):
+    (tmp_path / "text.gz").write_bytes(gzip.compress(b"hello world"))
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(tmp_path / "text.gz")
+    header = bytes([0, 0, 8, 2]) + (5).to_bytes(4, "big") + (5).to_bytes(4, "big")
+    (tmp_path / "short.gz").write_bytes(gzip.compress(header + bytes(7)))
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "short.gz")
+
+
+def test_data_dir_without_the_files_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not hold the Fashion-MNIST files"):
+        load_fashion_mnist("train", data_dir=tmp_path)
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_from_the_debian_package():
+    train, test = load_source("fashion_mnist"), load_source("fashion_mnist", split="test")
+    assert train.images.shape == (60000, 28, 28, 1) and test.images.shape == (10000, 28, 28, 1)
+    assert str(DEBIAN_FASHION_MNIST) in train.description
+    np.testing.assert_array_equal(np.bincount(train.labels), [6000] * 10)
+    batch = next(iter(make_pipeline(test, (28, 28), 1, 32, training=False)))
+    assert batch.shape == (32, 28, 28, 1) and 0.0 <= float(np.min(batch)) and float(np.max(batch)) <= 1.0
+
+
+def image_folder(root):
+    rng = np.random.default_rng(1)
+    pixels = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)  # noqa: E731
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs" / "deeper").mkdir(parents=True)
+    Image.fromarray(pixels(20, 30, 3)).save(root / "cats" / "rgb.png")
+    Image.fromarray(pixels(40, 40, 4), "RGBA").save(root / "cats" / "rgba.png")
+    Image.fromarray(pixels(25, 25)).save(root / "cats" / "gray.JPG", format="JPEG")
+    Image.fromarray(pixels(16, 16, 3)).convert("P").save(root / "dogs" / "palette.gif")
+    Image.fromarray(pixels(12, 18, 3)).save(root / "dogs" / "deeper" / "bitmap.bmp")
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder_with_classes_and_a_corrupt_file(tmp_path, channels):
+    with pytest.warns(UserWarning, match="Skipping 1 of 6 image files"):
+        source = load_image_folder(image_folder(tmp_path))
+    assert source.num_examples == 5 and source.class_names == ("cats", "dogs")
+    assert sorted(source.labels.tolist()) == [0, 0, 0, 1, 1]
+    batches = list(make_pipeline(source, (16, 16), channels, 2, training=False, with_labels=True))
+    images = np.concatenate([b[0] for b in batches])
+    assert images.shape == (5, 16, 16, channels) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_image_folder_without_class_folders_has_no_labels(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        source = load_image_folder(tmp_path)
+    assert source.num_examples == 1 and not source.has_labels
+
+
+def test_unusable_folders_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_folder(tmp_path / "missing")
+    with pytest.raises(DataError, match="holds no image files"):
+        load_image_folder(tmp_path)
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="None of the 1 image files"):
+        load_image_folder(tmp_path)
+    with pytest.raises(DataError, match="neither fashion_mnist"):
+        load_source("no_such_dataset_or_folder")
+
+
+def test_tfds_source_runs_the_real_loading_code_on_mock_data():
+    with tfds.testing.mock_data(num_examples=10):
+        source = load_source("tfds:cifar10:test")
+        assert source.num_examples == 10 and source.num_channels == 3 and len(source.class_names) == 10
+        images, labels = next(iter(make_pipeline(source, (16, 16), 3, 4, with_labels=True)))
+    assert images.shape == (4, 16, 16, 3) and labels.shape == (4,)
+    assert 0 <= int(np.min(labels)) and int(np.max(labels)) < 10
+
+
+def test_tfds_errors_are_clear():
+    with pytest.raises(DataError, match="Unknown TFDS dataset 'no_such_thing'"):
+        load_source("tfds:no_such_thing")
+    with pytest.raises(DataError, match="Expected tfds:NAME"):
+        load_source("tfds:")
+
+
+def test_augmentation_keeps_shape_and_range():
+    augment = pretraining_augmentation((16, 16), seed=1)
+    images = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
+    out = np.asarray(augment(images))
+    assert out.shape == images.shape and 0.0 <= out.min() and out.max() <= 1.0
+    assert not np.allclose(out, images)
+
+
+def test_training_pipeline_shuffles_augments_and_drops_the_last_partial_batch():
+    source = load_source("synthetic").take(50)
+    augment = pretraining_augmentation((32, 32), seed=0)
+    batches = list(make_pipeline(source, (32, 32), 3, 16, augment=augment, seed=3))
+    assert [b.shape[0] for b in batches] == [16, 16, 16]

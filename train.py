@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Pre-train a Masked Autoencoder (ViT) on unlabeled images with Keras 3.
+
+With no argument it pre-trains a small ViT on Fashion-MNIST (offline: the Debian
+package dataset-fashion-mnist, keras' cache, or a download) in a few minutes on a CPU.
+Every run writes one folder (--output-dir): config.json, mae.keras, encoder.keras,
+history.csv, loss_curve.png, reconstructions/epoch_XXX.png, TensorBoard logs/ and a
+crash-safe checkpoint that --resume continues from.
+
+Runs under KERAS_BACKEND=tensorflow, jax or torch.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PRESET = "mae_vit_mini_patch4"
+NO_DECAY = ["bias", "gamma", "beta", "class_token", "mask_token", "table"]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="fashion_mnist",
+                      help="fashion_mnist (default), tfds:NAME[:SPLIT], a folder of images "
+                           "(png, jpg, bmp, gif; searched recursively), or synthetic (smoke tests).")
+    data.add_argument("--data-dir", default=None,
+                      help="Where the dataset's files are: the Fashion-MNIST IDX .gz files, or "
+                           "TFDS's data_dir. Default: the standard places, see README.")
+    data.add_argument("--image-size", type=int, default=None,
+                      help="Square size images are resized to. Default: 28/32 for fashion_mnist/"
+                           "synthetic, else the preset's.")
+    data.add_argument("--channels", type=int, default=None,
+                      help="Channels the model sees (1 grayscale, 3 RGB); images are converted. "
+                           "Default: the dataset's.")
+    data.add_argument("--limit", type=int, default=None,
+                      help="Train on the first N images only (quick experiments).")
+    data.add_argument("--no-augment", action="store_true",
+                      help="Turn off the paper's random resized crop (area 0.2-1) and horizontal flip.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default=DEFAULT_PRESET,
+                       help="Model configuration, one of keras_mae.list_presets() "
+                            "(default: %(default)s).")
+    model.add_argument("--patch-size", type=int, default=None, help="Override the preset's patch size.")
+    model.add_argument("--mask-ratio", type=float, default=0.75,
+                       help="Fraction of patches removed, in (0, 1) (default: %(default)s).")
+    model.add_argument("--mask-sampling", choices=["random", "block", "grid"], default="random",
+                       help="How removed patches are chosen (default: %(default)s).")
+    model.add_argument("--norm-pix-loss", action="store_true",
+                       help="Predict per-patch normalised pixels (the paper's better-features option).")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=4, help="Epochs in all (default: %(default)s).")
+    train.add_argument("--batch-size", type=int, default=64,
+                       help="Global batch size, over all devices (default: %(default)s).")
+    train.add_argument("--base-lr", type=float, default=3e-3,
+                       help="Learning rate per 256 images; lr = base_lr x batch / 256 (default: %(default)s; "
+                            "the paper's 1.5e-4 is for 800 epochs at batch 4096, short runs need more).")
+    train.add_argument("--weight-decay", type=float, default=0.05,
+                       help="AdamW weight decay, not applied to biases, norms and tokens (default: %(default)s).")
+    train.add_argument("--warmup-epochs", type=float, default=0.25,
+                       help="Linear warm-up before the cosine decay (default: %(default)s).")
+    train.add_argument("--seed", type=int, default=0, help="Seed of masking, shuffling and augmentation.")
+    train.add_argument("--strategy", choices=["auto", "none", "mirrored", "data_parallel"], default="auto",
+                       help="Several devices: mirrored (TensorFlow), data_parallel (JAX); auto picks "
+                            "one when more than one device is present (default: %(default)s).")
+    train.add_argument("--cpu-devices", type=int, default=1,
+                       help="Split the CPU into N logical devices, to try multi-device training without GPUs.")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", default=None,
+                        help="The run folder itself (default: saved_models/<preset>_<dataset>).")
+    output.add_argument("--resume", action="store_true",
+                        help="Continue the run in --output-dir from its last completed epoch.")
+    output.add_argument("--overwrite", action="store_true",
+                        help="Delete an existing run folder and start again.")
+    output.add_argument("--reconstruct-every", type=int, default=1,
+                        help="Epochs between reconstruction grids (default: %(default)s).")
+    output.add_argument("--num-reconstructions", type=int, default=8,
+                        help="Images in each reconstruction grid (default: %(default)s).")
+    output.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None,
+                        help="Keras fit verbosity: 0 silent, 1 progress bar, 2 a line per epoch "
+                             "(default: progress bar on a terminal, else a line per epoch).")
+    return parser
+
+
+def fail(message):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_flags(args):
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--base-lr": args.base_lr,
+                "--reconstruct-every": args.reconstruct_every, "--num-reconstructions": args.num_reconstructions,
+                "--cpu-devices": args.cpu_devices}
+    for flag in ("--image-size", "--channels", "--limit", "--patch-size"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            positive[flag] = value
+    for flag, value in positive.items():
+        if not value > 0:
+            fail(f"{flag} must be positive, got {value}.")
+    if not 0 < args.mask_ratio < 1:
+        fail(f"--mask-ratio must be strictly between 0 and 1, got {args.mask_ratio}.")
+    if args.weight_decay < 0 or args.warmup_epochs < 0:
+        fail("--weight-decay and --warmup-epochs must not be negative.")
+    if args.resume and args.overwrite:
+        fail("--resume and --overwrite contradict each other: choose one.")
+
+
+def default_run_dir(args):
+    dataset = Path(args.dataset).name if os.path.exists(args.dataset) else args.dataset.replace(":", "_")
+    return Path("saved_models") / f"{args.preset}_{dataset}"
+
+
+def prepare_run_dir(args):
+    run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(args)
+    if run_dir.exists() and not run_dir.is_dir():
+        fail(f"--output-dir {run_dir} exists and is not a folder.")
+    started = run_dir.is_dir() and any(run_dir.iterdir())
+    if started and args.overwrite:
+        shutil.rmtree(run_dir)
+    elif started and not args.resume:
+        fail(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
+             "--overwrite to start again, or another --output-dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_flags(args)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from keras_mae.distribute import configure_cpu_devices
+
+    configure_cpu_devices(args.cpu_devices)  # must precede the backend's start
+
+    import keras
+    import numpy as np
+
+    from keras_mae import MaskedAutoencoder
+    from keras_mae.callbacks import ReconstructionLogger, RunCheckpoint, write_atomically, write_json
+    from keras_mae.data import DataError, load_source, make_pipeline, pretraining_augmentation, image_dataset
+    from keras_mae.distribute import StrategyError, strategy_scope
+    from keras_mae.presets import check_preset
+    from keras_mae.visualize import read_history, save_loss_curve
+
+    started_at = time.time()
+    try:
+        preset = check_preset(args.preset)
+        source = load_source(args.dataset, "train", args.data_dir)
+    except (DataError, ValueError) as error:
+        fail(str(error))
+    if args.limit:
+        source = source.take(args.limit)
+    native = source.images.shape[1] if source.images is not None else None
+    image_size = args.image_size or native or preset["image_size"]
+    channels = args.channels or source.num_channels
+    patch_size = args.patch_size or preset["patch_size"]
+    if image_size % patch_size:
+        fail(f"--image-size {image_size} is not divisible by the patch size {patch_size}.")
+    if args.batch_size > source.num_examples:
+        fail(f"--batch-size {args.batch_size} is larger than the {source.num_examples} training images.")
+    steps_per_epoch = source.num_examples // args.batch_size
+
+    try:
+        scope, strategy_text, replicas = strategy_scope(args.strategy, args.batch_size)
+    except StrategyError as error:
+        fail(str(error))
+    run_dir = prepare_run_dir(args)
+    state = RunCheckpoint.load_state(run_dir) if args.resume else None
+    if args.resume and state is None:
+        print(f"No checkpoint in {run_dir}: starting from epoch 0.")
+
+    print(f"Data: {source.description}")
+    print(f"Backend: {keras.backend.backend()}, {strategy_text}; run folder: {run_dir}")
+
+    size = (image_size, image_size)
+    try:
+        augment = None if args.no_augment else pretraining_augmentation(size, seed=args.seed)
+        train_data = make_pipeline(source, size, channels, args.batch_size, augment=augment, seed=args.seed)
+        preview_source = load_source(args.dataset, "test", args.data_dir) if args.dataset == "fashion_mnist" else source
+        preview = np.stack(list(image_dataset(preview_source, size, channels).take(args.num_reconstructions).as_numpy_iterator()))
+    except DataError as error:
+        fail(str(error))
+
+    model_config = {
+        **preset,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "num_channels": channels,
+        "mask_ratio": args.mask_ratio,
+        "mask_sampling": args.mask_sampling,
+        "norm_pix_loss": args.norm_pix_loss,
+        "seed": args.seed,
+    }
+    learning_rate = args.base_lr * args.batch_size / 256
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = min(int(args.warmup_epochs * steps_per_epoch), total_steps - 1)
+    run_config = {
+        "flags": vars(args),
+        "command": " ".join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)]),
+        "model": model_config,
+        "learning_rate": learning_rate,
+        "steps_per_epoch": steps_per_epoch,
+        "dataset": source.description,
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "strategy": strategy_text,
+    }
+    write_json(run_dir / "config.json", run_config)
+
+    with scope:
+        mae = MaskedAutoencoder(**model_config)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
+        )
+        optimizer = keras.optimizers.AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)
+        optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
+        mae.compile(optimizer=optimizer)
+        initial_epoch = 0
+        if state is not None:
+            mae.optimizer.build(mae.trainable_variables)
+            mae.load_weights(run_dir / state["checkpoint"])
+            initial_epoch = state["epoch"]
+            print(f"Resuming after epoch {initial_epoch} from {run_dir / state['checkpoint']}.")
+
+    history_path = run_dir / "history.csv"
+    if initial_epoch and history_path.is_file():
+        # Rows of epochs after the checkpoint (killed between the two writes) are redone.
+        lines = history_path.read_text().splitlines(keepends=True)
+        history_path.write_text("".join(lines[: 1 + initial_epoch]))
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(str(history_path), append=bool(initial_epoch)),
+        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
+        ReconstructionLogger(preview, run_dir / "reconstructions", every=args.reconstruct_every,
+                             log_dir=run_dir / "logs" / "images", seed=args.seed),
+        RunCheckpoint(run_dir, {"epochs": args.epochs}),
+    ]
+    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    print(f"Pre-training {args.preset} ({mae.count_params():,} parameters) on {image_size}x{image_size}x"
+          f"{channels} images: {args.epochs} epochs of {steps_per_epoch} steps, batch {args.batch_size}, "
+          f"lr {learning_rate:.3g}.")
+    history = mae.fit(train_data, epochs=args.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                   verbose=verbose, shuffle=False)  # the pipeline shuffles
+
+    losses = history.history.get("loss", [])
+    if losses and not np.isfinite(losses[-1]):
+        print("train.py: error: the loss became NaN; the last good epoch is in the checkpoint.", file=sys.stderr)
+        sys.exit(1)
+    # The run's products carry no optimizer state (a third of the size); the
+    # checkpoint keeps it for --resume.
+    trained = MaskedAutoencoder.from_config(mae.get_config())
+    trained.set_weights(mae.get_weights())
+    write_atomically(run_dir / "mae.keras", trained.save)
+    write_atomically(run_dir / "encoder.keras", mae.encoder.save)
+    if history_path.is_file():
+        save_loss_curve(read_history(history_path), run_dir / "loss_curve.png")
+    final_loss = read_history(history_path).get("loss", [float("nan")])[-1] if history_path.is_file() else float("nan")
+    print(f"Done in {time.time() - started_at:.0f} s. Final loss {final_loss:.4f}.")
+    print(f"Wrote {run_dir}/: mae.keras, encoder.keras, config.json, history.csv, loss_curve.png, "
+          "reconstructions/, logs/ (tensorboard --logdir " f"{run_dir / 'logs'}).")
+
+
+if __name__ == "__main__":
+    main()
