@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,9 @@ def build_parser():
                         help="Continue the run in --output-dir from its last completed epoch.")
     output.add_argument("--overwrite", action="store_true",
                         help="Delete an existing run folder and start again.")
+    output.add_argument("--export", action="store_true",
+                        help="Also write TensorFlow SavedModels for serving: <run>/serving/encoder/1 and "
+                             "<run>/serving/reconstructor/1 (see python -m keras_mae.export --help).")
     output.add_argument("--reconstruct-every", type=int, default=1,
                         help="Epochs between reconstruction grids (default: %(default)s).")
     output.add_argument("--num-reconstructions", type=int, default=8,
@@ -265,6 +269,14 @@ def main(argv=None):
     if history_path.is_file():
         save_loss_curve(read_history(history_path), run_dir / "loss_curve.png")
     final_loss = read_history(history_path).get("loss", [float("nan")])[-1] if history_path.is_file() else float("nan")
+    if args.export:
+        for kind in ("encoder", "reconstructor"):
+            command = [sys.executable, "-m", "keras_mae.export", str(run_dir / "mae.keras"), "--kind", kind,
+                       "--output", str(run_dir / "serving" / kind), "--overwrite"]
+            if subprocess.call(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))}):
+                print(f"train.py: error: exporting the {kind} failed (the .keras files are saved).", file=sys.stderr)
+                sys.exit(1)
     print(f"Done in {time.time() - started_at:.0f} s. Final loss {final_loss:.4f}.")
     print(f"Wrote {run_dir}/: mae.keras, encoder.keras, config.json, history.csv, loss_curve.png, "
           "reconstructions/, logs/ (tensorboard --logdir " f"{run_dir / 'logs'}).")

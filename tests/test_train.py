@@ -80,12 +80,13 @@ def test_existing_run_folder_is_not_overwritten_by_accident(tmp_path, capsys):
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_two_epochs_on_real_fashion_mnist_write_the_whole_run_folder(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train.main([*QUICK, "--limit", "256", "--epochs", "2", "--output-dir", str(run_dir)])
+    train.main([*QUICK, "--limit", "256", "--epochs", "2", "--output-dir", str(run_dir), "--export"])
     out = capsys.readouterr().out
     assert str(DEBIAN_FASHION_MNIST) in out and "Final loss" in out
     for name in ("config.json", "mae.keras", "encoder.keras", "history.csv", "loss_curve.png",
                  "state.json", "checkpoint_002.keras", "reconstructions/epoch_001.png",
-                 "reconstructions/epoch_002.png"):
+                 "reconstructions/epoch_002.png", "serving/encoder/1/saved_model.pb",
+                 "serving/reconstructor/1/saved_model.pb"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
     config = json.loads((run_dir / "config.json").read_text())
