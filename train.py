@@ -68,6 +68,10 @@ def build_parser():
                        help="AdamW weight decay, not applied to biases, norms and tokens (default: %(default)s).")
     train.add_argument("--warmup-epochs", type=float, default=0.25,
                        help="Linear warm-up before the cosine decay (default: %(default)s).")
+    train.add_argument("--dtype-policy", choices=["float32", "mixed_bfloat16", "mixed_float16"], default="float32",
+                       help="Keras dtype policy: mixed_bfloat16 (GPUs/TPUs since Ampere) or mixed_float16 "
+                            "(older GPUs, with loss scaling) halve activation memory; on a CPU float32 is "
+                            "fastest (default: %(default)s).")
     train.add_argument("--seed", type=int, default=0, help="Seed of masking, shuffling and augmentation.")
     train.add_argument("--strategy", choices=["auto", "none", "mirrored", "data_parallel"], default="auto",
                        help="Several devices: mirrored (TensorFlow), data_parallel (JAX); auto picks "
@@ -221,6 +225,7 @@ def main(argv=None):
     }
     write_json(run_dir / "config.json", run_config)
 
+    keras.config.set_dtype_policy(args.dtype_policy)
     with scope:
         mae = MaskedAutoencoder(**model_config)
         schedule = keras.optimizers.schedules.CosineDecay(

@@ -12,10 +12,22 @@ Last line: `img_per_s=<float>`, or `speedup=<float>` with `--compare-mask-tokens
 """
 
 import argparse
+import json
 import os
 import resource
 import sys
 import time
+
+
+# Shared with benchmarks/compare.py, which builds HuggingFace's ViTMAE to the same sizes.
+CONFIGS = {
+    "K": dict(image_size=48, patch_size=6, num_channels=3, encoder_width=128, encoder_depth=6,
+              encoder_num_heads=4, decoder_width=64, decoder_depth=2, decoder_num_heads=4),
+    "T": dict(image_size=32, patch_size=4, num_channels=3, encoder_width=192, encoder_depth=12,
+              encoder_num_heads=3, decoder_width=128, decoder_depth=2, decoder_num_heads=4),
+    "B": dict(image_size=224, patch_size=16, num_channels=3, encoder_width=768, encoder_depth=12,
+              encoder_num_heads=12, decoder_width=512, decoder_depth=8, decoder_num_heads=16),
+}
 
 
 def parse_args(argv=None):
@@ -23,6 +35,16 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default=os.environ.get("KERAS_BACKEND", "tensorflow"),
                         help="Keras backend to time (default: $KERAS_BACKEND or tensorflow).")
     parser.add_argument("--preset", default="mae_vit_tiny_patch4", help="keras_mae preset name (default: %(default)s).")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                        help="A comparison configuration instead of --preset: K = the keras.io example's sizes "
+                             "(48 px, patch 6, encoder 6 x 128, decoder 2 x 64, 4 heads), T = ViT-Tiny-like on "
+                             "32 px (patch 4, encoder 12 x 192, 3 heads, decoder 2 x 128), B = ViT-B/16 at 224 px "
+                             "with the 8 x 512 decoder.")
+    parser.add_argument("--dtype-policy", default="float32",
+                        help="Keras dtype policy: float32, mixed_bfloat16 or mixed_float16 (default: %(default)s).")
+    parser.add_argument("--steps-per-execution", type=int, default=1,
+                        help="Training steps fused into one compiled call (default: %(default)s).")
+    parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     parser.add_argument("--image-size", type=int, default=None, help="Override the preset's image size.")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per training step (default: %(default)s).")
     parser.add_argument("--steps", type=int, default=10, help="Timed steps after warm-up (default: %(default)s).")
@@ -33,7 +55,7 @@ def parse_args(argv=None):
                         help="Time both designs, alternating, and print the asymmetric speed-up.")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating rounds with --compare-mask-tokens (default: %(default)s).")
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "steps", "repeats"):
+    for flag in ("batch_size", "steps", "repeats", "steps_per_execution"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
@@ -53,7 +75,13 @@ def main(argv=None):
 
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
     try:
-        config = {**keras_mae.MaskedAutoencoder.from_preset(args.preset, **overrides).get_config()}
+        keras.config.set_dtype_policy(args.dtype_policy)
+        if args.config:
+            config = {**CONFIGS[args.config], **overrides}
+            keras_mae.MaskedAutoencoder(**config)  # validates
+        else:
+            config = {**keras_mae.MaskedAutoencoder.from_preset(args.preset, **overrides).get_config()}
+            config.pop("dtype", None)
     except ValueError as error:
         sys.exit(f"error: {error}")
     height, width = (config["image_size"],) * 2 if isinstance(config["image_size"], int) else config["image_size"]
@@ -61,14 +89,14 @@ def main(argv=None):
 
     class SameBatch(keras.utils.PyDataset):
         def __len__(self):
-            return args.warmup + args.steps
+            return (args.warmup + args.steps) * args.steps_per_execution
 
         def __getitem__(self, index):
             return batch
 
     class StepTimer(keras.callbacks.Callback):
         def on_train_batch_end(self, step, logs=None):
-            if step + 1 == args.warmup:
+            if step + 1 == args.warmup * args.steps_per_execution:
                 self.start = time.perf_counter()
 
         def on_train_begin(self, logs=None):
@@ -79,12 +107,15 @@ def main(argv=None):
 
     def images_per_second(mask_tokens_in_encoder):
         mae = keras_mae.MaskedAutoencoder(**{**config, "mask_tokens_in_encoder": mask_tokens_in_encoder})
-        mae.compile(optimizer=keras.optimizers.AdamW(1e-4, beta_2=0.95, weight_decay=0.05))
+        mae.compile(optimizer=keras.optimizers.AdamW(1e-4, beta_2=0.95, weight_decay=0.05),
+                    steps_per_execution=args.steps_per_execution)
         timer = StepTimer()
         mae.fit(SameBatch(), epochs=1, verbose=0, callbacks=[timer])
-        return args.batch_size * args.steps / timer.seconds
+        return args.batch_size * args.steps * args.steps_per_execution / timer.seconds
 
-    name = f"{args.preset} {height}x{width} batch {args.batch_size} on {keras.backend.backend()}"
+    name = f"{('config ' + args.config) if args.config else args.preset} {height}x{width} batch {args.batch_size} " \
+           f"{args.dtype_policy} on {keras.backend.backend()}"
+    figures = {"backend": keras.backend.backend(), "config": args.config or args.preset, "batch_size": args.batch_size}
     if args.compare_mask_tokens:
         rates = {False: [], True: []}
         for _ in range(args.repeats):
@@ -93,13 +124,24 @@ def main(argv=None):
         fast, slow = max(rates[False]), max(rates[True])
         print(f"{name}: asymmetric encoder {fast:.2f} img/s, encoder with mask tokens {slow:.2f} img/s")
         print(f"peak_rss_mib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+        figures.update(img_per_s=fast, mask_tokens_img_per_s=slow, speedup=fast / slow)
+        write_json(args.json, figures)
         print(f"img_per_s={fast:.2f}")
         print(f"speedup={fast / slow:.3f}")
     else:
         rate = images_per_second(args.mask_tokens_in_encoder)
         print(f"{name}{' (mask tokens in encoder)' if args.mask_tokens_in_encoder else ''}: {rate:.2f} img/s")
         print(f"peak_rss_mib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+        figures.update(img_per_s=rate)
+        write_json(args.json, figures)
         print(f"img_per_s={rate:.2f}")
+
+
+def write_json(path, figures):
+    if path:
+        figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open(path, "w") as stream:
+            json.dump(figures, stream, indent=2)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,32 @@ def test_encoder_inside_a_functional_classifier_trains_and_round_trips(tmp_path)
     classifier.save(tmp_path / "classifier.keras")
     reloaded = keras.saving.load_model(tmp_path / "classifier.keras")
     np.testing.assert_array_equal(ops.convert_to_numpy(reloaded(images)), ops.convert_to_numpy(classifier(images)))
+
+
+def test_mixed_precision_matches_float32_within_tolerance(images):
+    reference = tiny_mae()
+    mixed = tiny_mae(dtype="mixed_bfloat16")
+    mixed.set_weights(reference.get_weights())
+    noise = ops.convert_to_numpy(reference.masking.sample_noise(4, seed=2))
+    want, got = reference(images, noise=noise), mixed(images, noise=noise)
+    assert keras.backend.standardize_dtype(got["pred"].dtype) == "bfloat16"
+    assert all(w.dtype == "float32" for w in mixed.trainable_weights)
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(got["pred"], "float32")),
+                               ops.convert_to_numpy(want["pred"]), atol=0.1, rtol=0.05)
+    loss = lambda model, out: float(ops.convert_to_numpy(model.compute_loss(images, None, out)))  # noqa: E731
+    assert loss(mixed, got) == pytest.approx(loss(reference, want), rel=0.02)
+
+
+def test_compiled_and_eager_forward_passes_agree():
+    # Masks come from explicit noise: TensorFlow's random kernels differ under XLA.
+    mae = tiny_mae(norm_pix_loss=True)
+    images, noise = keras.Input((16, 16, 3)), keras.Input((16,))
+    wrapper = keras.Model([images, noise], mae(images, noise=noise))
+    x = random_images(batch=8, seed=4)
+    n = np.random.default_rng(5).random((8, 16), dtype=np.float32)
+    outputs = []
+    for compile_options in (dict(run_eagerly=True), dict(jit_compile=True)):
+        wrapper.compile(**compile_options)
+        outputs.append(wrapper.predict_on_batch([x, n]))
+    np.testing.assert_array_equal(outputs[0]["mask"], outputs[1]["mask"])
+    np.testing.assert_allclose(outputs[0]["pred"], outputs[1]["pred"], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,111 @@
+"""keras-mae against HuggingFace's ViTMAE (PyTorch) on the same configuration and machine.
+
+Each measurement is a fresh child process; keras-mae (one per backend asked for) and
+HuggingFace alternate, `--repeats` rounds, and the best round of each counts (the least
+disturbed by anything else on the machine). Both time forward + backward + AdamW on
+the same random batch after warm-up steps.
+
+Extra install (a benchmark extra, not a runtime dependency):
+    pip install transformers==5.23.0 torch==2.13.0
+
+    python benchmarks/compare.py --config T --backends tensorflow,jax,torch --batch-size 256
+
+Last lines: `<backend>_img_per_s=`, `hf_img_per_s=`, `<backend>_vs_hf=` for each backend.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from throughput import CONFIGS  # noqa: E402
+
+
+def huggingface_rate(config, batch_size, steps, warmup, threads):
+    """Images/second of ViTMAEForPreTraining training steps (run in a child process)."""
+    import torch
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    torch.set_num_threads(threads)
+    hf_config = ViTMAEConfig(
+        image_size=config["image_size"], patch_size=config["patch_size"], num_channels=config["num_channels"],
+        hidden_size=config["encoder_width"], num_hidden_layers=config["encoder_depth"],
+        num_attention_heads=config["encoder_num_heads"], intermediate_size=4 * config["encoder_width"],
+        decoder_hidden_size=config["decoder_width"], decoder_num_hidden_layers=config["decoder_depth"],
+        decoder_num_attention_heads=config["decoder_num_heads"], decoder_intermediate_size=4 * config["decoder_width"],
+        mask_ratio=0.75, layer_norm_eps=1e-6,
+    )
+    model = ViTMAEForPreTraining(hf_config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    size = config["image_size"]
+    images = torch.rand(batch_size, config["num_channels"], size, size)
+    start = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        loss = model(pixel_values=images).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def child(command, env=None):
+    run = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"error: {' '.join(command)} failed:\n{run.stderr[-3000:]}")
+    return run.stdout
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="T", help="(default: %(default)s; see throughput.py --help)")
+    parser.add_argument("--backends", default="tensorflow,jax,torch", help="Comma-separated Keras backends (default: %(default)s).")
+    parser.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=8, help="Timed steps per run (default: %(default)s).")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per run (default: %(default)s).")
+    parser.add_argument("--repeats", type=int, default=2, help="Alternating rounds (default: %(default)s).")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads for HuggingFace (default: all cores).")
+    parser.add_argument("--dtype-policy", default="float32", help="keras-mae's dtype policy (default: %(default)s).")
+    parser.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - {"tensorflow", "jax", "torch"}
+    if unknown:
+        parser.error(f"unknown backends {sorted(unknown)}")
+    if args.hf_only:
+        print(json.dumps(huggingface_rate(CONFIGS[args.config], args.batch_size, args.steps, args.warmup, args.threads)))
+        return
+
+    common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    rates = {name: [] for name in [*backends, "hf"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.repeats):
+            for name in rates:
+                if name == "hf":
+                    out = child([sys.executable, __file__, "--hf-only", "--config", args.config, "--threads", str(args.threads), *common])
+                    rate = json.loads(out.strip().splitlines()[-1])
+                else:
+                    figures = Path(tmp) / f"{name}.json"
+                    child([sys.executable, str(HERE / "throughput.py"), "--backend", name, "--config", args.config,
+                           "--dtype-policy", args.dtype_policy, "--json", str(figures), *common])
+                    rate = json.loads(figures.read_text())["img_per_s"]
+                rates[name].append(rate)
+                print(f"round {round_index + 1}: {name:<10} {rate:8.2f} img/s", flush=True)
+    best = {name: max(values) for name, values in rates.items()}
+    print(f"config {args.config}, batch {args.batch_size}, {os.cpu_count()} CPU cores")
+    for name in backends:
+        print(f"{name}_img_per_s={best[name]:.2f}")
+    print(f"hf_img_per_s={best['hf']:.2f}")
+    for name in backends:
+        print(f"{name}_vs_hf={best[name] / best['hf']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
