@@ -72,6 +72,9 @@ def build_parser():
                        help="Keras dtype policy: mixed_bfloat16 (GPUs/TPUs since Ampere) or mixed_float16 "
                             "(older GPUs, with loss scaling) halve activation memory; on a CPU float32 is "
                             "fastest (default: %(default)s).")
+    train.add_argument("--steps-per-execution", type=int, default=1,
+                       help="Training steps run per compiled call: fewer Python round trips for small "
+                            "models on fast devices (default: %(default)s).")
     train.add_argument("--seed", type=int, default=0, help="Seed of masking, shuffling and augmentation.")
     train.add_argument("--strategy", choices=["auto", "none", "mirrored", "data_parallel"], default="auto",
                        help="Several devices: mirrored (TensorFlow), data_parallel (JAX); auto picks "
@@ -107,7 +110,7 @@ def fail(message):
 def check_flags(args):
     positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--base-lr": args.base_lr,
                 "--reconstruct-every": args.reconstruct_every, "--num-reconstructions": args.num_reconstructions,
-                "--cpu-devices": args.cpu_devices}
+                "--cpu-devices": args.cpu_devices, "--steps-per-execution": args.steps_per_execution}
     for flag in ("--image-size", "--channels", "--limit", "--patch-size"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
@@ -233,7 +236,7 @@ def main(argv=None):
         )
         optimizer = keras.optimizers.AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)
         optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
-        mae.compile(optimizer=optimizer)
+        mae.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution)
         initial_epoch = 0
         if state is not None:
             mae.optimizer.build(mae.trainable_variables)
