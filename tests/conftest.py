@@ -1,5 +1,6 @@
 """Shared tiny configuration: every test builds models small enough for 2 CPU cores."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -30,3 +31,9 @@ def random_images(batch=4, size=16, channels=3, seed=0):
 @pytest.fixture
 def images():
     return random_images()
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global seed: weight initialisation is reproducible."""
+    keras.utils.set_random_seed(0)
