@@ -274,9 +274,11 @@ def main(argv=None):
     trained.set_weights(mae.get_weights())
     write_atomically(run_dir / "mae.keras", trained.save)
     write_atomically(run_dir / "encoder.keras", mae.encoder.save)
+    final_loss = float("nan")
     if history_path.is_file():
-        save_loss_curve(read_history(history_path), run_dir / "loss_curve.png")
-    final_loss = read_history(history_path).get("loss", [float("nan")])[-1] if history_path.is_file() else float("nan")
+        history = read_history(history_path)
+        save_loss_curve(history, run_dir / "loss_curve.png")
+        final_loss = history.get("loss", [final_loss])[-1]
     if args.export:
         for kind in ("encoder", "reconstructor"):
             command = [sys.executable, "-m", "keras_mae.export", str(run_dir / "mae.keras"), "--kind", kind,

@@ -109,21 +109,8 @@ def build_archive(model, kind, class_names=None):
     else:
         def reconstruct(images, noise):
             pixels = prepare(images)
-            outputs = model(pixels, noise=noise, training=False)
-            pred = outputs["pred"]
-            if model.norm_pix_loss:
-                from keras_mae.losses import NORM_PIX_EPSILON, patch_statistics
-
-                mean, variance = patch_statistics(model.patchify(pixels))
-                pred = pred * tf.sqrt(variance + NORM_PIX_EPSILON) + mean
-            reconstruction = model.unpatchify(pred)
-            mask = outputs["mask"]
-            removed = model.unpatchify(tf.repeat(mask[..., None], pred.shape[-1], axis=-1))
-            return {
-                "reconstruction": reconstruction,
-                "pasted": pixels * (1.0 - removed) + reconstruction * removed,
-                "mask": mask,
-            }
+            pictures = model.to_pixels(pixels, model(pixels, noise=noise, training=False))
+            return {key: pictures[key] for key in ("reconstruction", "pasted", "mask")}
 
         def serve(images):
             return reconstruct(images, model.masking.sample_noise(tf.shape(images)[0], seed=0))

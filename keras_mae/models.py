@@ -443,7 +443,14 @@ class MaskedAutoencoder(keras.Model):
         images = ops.convert_to_tensor(np.asarray(images, dtype="float32"))
         self.encoder.check_images(images.shape)
         noise = self.masking.sample_noise(images.shape[0], seed=seed)
-        outputs = self(images, noise=noise, training=False)
+        pictures = self.to_pixels(images, self(images, noise=noise, training=False))
+        return {key: ops.convert_to_numpy(value) for key, value in pictures.items()}
+
+    def to_pixels(self, images, outputs):
+        """`self(images)`'s outputs as images: `masked`, `reconstruction`, `pasted`, plus `mask`.
+
+        One home for the display logic of `reconstruct` and the exported reconstructor.
+        """
         pred, mask = ops.cast(outputs["pred"], "float32"), outputs["mask"]
         if self.norm_pix_loss:
             mean, variance = patch_statistics(self.patchify(images))
@@ -452,10 +459,10 @@ class MaskedAutoencoder(keras.Model):
         removed = self.unpatchify(ops.repeat(ops.expand_dims(mask, -1), pred.shape[-1], axis=-1))
         visible = images * (1.0 - removed)
         return {
-            "masked": ops.convert_to_numpy(visible),
-            "reconstruction": ops.convert_to_numpy(reconstruction),
-            "pasted": ops.convert_to_numpy(visible + reconstruction * removed),
-            "mask": ops.convert_to_numpy(mask),
+            "masked": visible,
+            "reconstruction": reconstruction,
+            "pasted": visible + reconstruction * removed,
+            "mask": mask,
         }
 
     def get_config(self):
