@@ -24,15 +24,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import CONFIGS  # noqa: E402
+from throughput import CONFIGS, training_flops  # noqa: E402
 
 
-def huggingface_rate(config, batch_size, steps, warmup, threads):
-    """Images/second of ViTMAEForPreTraining training steps (run in a child process)."""
+def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
+    """Images/second of ViTMAEForPreTraining training steps (run in a child process).
+
+    On a CUDA device when there is one; `mixed_bfloat16` / `mixed_float16` map to
+    torch.autocast, the mixed precision HuggingFace's Trainer uses.
+    """
+    import contextlib
+
     import torch
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    autocast_dtype = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(dtype_policy)
+    precision = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     hf_config = ViTMAEConfig(
         image_size=config["image_size"], patch_size=config["patch_size"], num_channels=config["num_channels"],
         hidden_size=config["encoder_width"], num_hidden_layers=config["encoder_depth"],
@@ -41,18 +50,23 @@ def huggingface_rate(config, batch_size, steps, warmup, threads):
         decoder_num_attention_heads=config["decoder_num_heads"], decoder_intermediate_size=4 * config["decoder_width"],
         mask_ratio=0.75, layer_norm_eps=1e-6,
     )
-    model = ViTMAEForPreTraining(hf_config).train()
+    model = ViTMAEForPreTraining(hf_config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     size = config["image_size"]
-    images = torch.rand(batch_size, config["num_channels"], size, size)
+    images = torch.rand(batch_size, config["num_channels"], size, size, device=device)
     start = None
     for step in range(warmup + steps):
         if step == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = model(pixel_values=images).loss
+        with precision:
+            loss = model(pixel_values=images).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return batch_size * steps / (time.perf_counter() - start)
 
 
@@ -72,7 +86,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per run (default: %(default)s).")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating rounds (default: %(default)s).")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads for HuggingFace (default: all cores).")
-    parser.add_argument("--dtype-policy", default="float32", help="keras-mae's dtype policy (default: %(default)s).")
+    parser.add_argument("--dtype-policy", default="float32",
+                        help="keras-mae's dtype policy; mixed_* runs HuggingFace under torch.autocast (default: %(default)s).")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="The device's dense peak TFLOP/s for this dtype; adds model FLOPs utilisation.")
+    parser.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
+                        help="keras-mae's train-step compilation (see throughput.py; default: %(default)s).")
     parser.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
@@ -80,7 +99,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}")
     if args.hf_only:
-        print(json.dumps(huggingface_rate(CONFIGS[args.config], args.batch_size, args.steps, args.warmup, args.threads)))
+        print(json.dumps(huggingface_rate(CONFIGS[args.config], args.batch_size, args.steps, args.warmup, args.threads,
+                                          args.dtype_policy)))
         return
 
     common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -89,17 +109,23 @@ def main(argv=None):
         for round_index in range(args.repeats):
             for name in rates:
                 if name == "hf":
-                    out = child([sys.executable, __file__, "--hf-only", "--config", args.config, "--threads", str(args.threads), *common])
+                    out = child([sys.executable, __file__, "--hf-only", "--config", args.config, "--threads", str(args.threads),
+                                 "--dtype-policy", args.dtype_policy, *common])
                     rate = json.loads(out.strip().splitlines()[-1])
                 else:
                     figures = Path(tmp) / f"{name}.json"
                     child([sys.executable, str(HERE / "throughput.py"), "--backend", name, "--config", args.config,
-                           "--dtype-policy", args.dtype_policy, "--json", str(figures), *common])
+                           "--dtype-policy", args.dtype_policy, "--jit-compile", args.jit_compile,
+                           "--json", str(figures), *common])
                     rate = json.loads(figures.read_text())["img_per_s"]
                 rates[name].append(rate)
                 print(f"round {round_index + 1}: {name:<10} {rate:8.2f} img/s", flush=True)
     best = {name: max(values) for name, values in rates.items()}
-    print(f"config {args.config}, batch {args.batch_size}, {os.cpu_count()} CPU cores")
+    print(f"config {args.config}, batch {args.batch_size}, {args.dtype_policy}, {os.cpu_count()} CPU cores")
+    if args.peak_tflops:
+        step_flops = training_flops(CONFIGS[args.config], 1)
+        for name, rate in best.items():
+            print(f"{name}_mfu={step_flops * rate / 1e12 / args.peak_tflops:.3f}")
     for name in backends:
         print(f"{name}_img_per_s={best[name]:.2f}")
     print(f"hf_img_per_s={best['hf']:.2f}")

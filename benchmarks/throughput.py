@@ -8,6 +8,10 @@ absorb compilation. With `--compare-mask-tokens` it also times the paper's
     python benchmarks/throughput.py --backend jax --preset mae_vit_base_patch16 --batch-size 8
     python benchmarks/throughput.py --backend torch --preset mae_vit_tiny_patch4 --compare-mask-tokens
 
+With `--peak-tflops` (the device's dense peak for the dtype used, e.g. about 800 for an
+H100's bf16) it also prints the model FLOPs utilisation: matrix-multiply FLOPs of the
+model as built (`training_flops`), three times the forward pass per step, over time.
+
 Last line: `img_per_s=<float>`, or `speedup=<float>` with `--compare-mask-tokens`.
 """
 
@@ -30,6 +34,34 @@ CONFIGS = {
 }
 
 
+def training_flops(config, batch_size, mask_tokens_in_encoder=False):
+    """Matrix-multiply FLOPs of one training step (forward + backward = 3 x forward).
+
+    Counts what keras-mae computes: every patch is embedded, the encoder sees the class
+    token plus the kept patches (all patches with `mask_tokens_in_encoder`), the decoder
+    sees the class token plus all patches, and predicts pixels for every patch.
+    """
+    def pair(value):
+        return (value, value) if isinstance(value, int) else tuple(value)
+
+    (height, width), (patch_h, patch_w) = pair(config["image_size"]), pair(config["patch_size"])
+    patches = (height // patch_h) * (width // patch_w)
+    patch_values = patch_h * patch_w * config["num_channels"]
+    kept = patches if mask_tokens_in_encoder else int(patches * (1 - config.get("mask_ratio", 0.75)))
+
+    def blocks(depth, tokens, width):
+        per_block = 24 * tokens * width**2 + 4 * tokens**2 * width  # qkv, proj, 4x MLP; QK^T and AV
+        return depth * per_block
+
+    encoder_width, decoder_width = config["encoder_width"], config["decoder_width"]
+    forward = (2 * patches * patch_values * encoder_width
+               + blocks(config["encoder_depth"], kept + 1, encoder_width)
+               + 2 * (kept + 1) * encoder_width * decoder_width
+               + blocks(config["decoder_depth"], patches + 1, decoder_width)
+               + 2 * patches * decoder_width * patch_values)
+    return 3 * forward * batch_size
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default=os.environ.get("KERAS_BACKEND", "tensorflow"),
@@ -44,6 +76,11 @@ def parse_args(argv=None):
                         help="Keras dtype policy: float32, mixed_bfloat16 or mixed_float16 (default: %(default)s).")
     parser.add_argument("--steps-per-execution", type=int, default=1,
                         help="Training steps fused into one compiled call (default: %(default)s).")
+    parser.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
+                        help="Compile the train step (XLA on tensorflow/jax, torch.compile on torch); "
+                             "auto = Keras' choice per backend (default: %(default)s).")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="The device's dense peak TFLOP/s for this dtype; prints model FLOPs utilisation.")
     parser.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     parser.add_argument("--image-size", type=int, default=None, help="Override the preset's image size.")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per training step (default: %(default)s).")
@@ -107,8 +144,9 @@ def main(argv=None):
 
     def images_per_second(mask_tokens_in_encoder):
         mae = keras_mae.MaskedAutoencoder(**{**config, "mask_tokens_in_encoder": mask_tokens_in_encoder})
+        jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
         mae.compile(optimizer=keras.optimizers.AdamW(1e-4, beta_2=0.95, weight_decay=0.05),
-                    steps_per_execution=args.steps_per_execution)
+                    steps_per_execution=args.steps_per_execution, jit_compile=jit_compile)
         timer = StepTimer()
         mae.fit(SameBatch(), epochs=1, verbose=0, callbacks=[timer])
         return args.batch_size * args.steps * args.steps_per_execution / timer.seconds
@@ -133,6 +171,12 @@ def main(argv=None):
         print(f"{name}{' (mask tokens in encoder)' if args.mask_tokens_in_encoder else ''}: {rate:.2f} img/s")
         print(f"peak_rss_mib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
         figures.update(img_per_s=rate)
+        tflops = training_flops(config, 1, args.mask_tokens_in_encoder) * rate / 1e12
+        figures.update(model_tflops_per_s=tflops)
+        print(f"model_tflops_per_s={tflops:.4g}")
+        if args.peak_tflops:
+            figures.update(mfu=tflops / args.peak_tflops)
+            print(f"mfu={tflops / args.peak_tflops:.3f}")
         write_json(args.json, figures)
         print(f"img_per_s={rate:.2f}")
 
