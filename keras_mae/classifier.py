@@ -1,0 +1,232 @@
+"""Using a pre-trained encoder downstream: `ViTClassifier` and the optimizer that fine-tunes it.
+
+The paper's three protocols are three settings of one model:
+
+- linear probe: frozen encoder, BatchNorm without affine parameters, linear head;
+- partial fine-tuning: the last K blocks (and the final norm) train too;
+- full fine-tuning: everything trains, with layer-wise learning-rate decay.
+"""
+
+from pathlib import Path
+
+import keras
+from keras import ops
+
+from keras_mae.models import MAEEncoder, MaskedAutoencoder
+
+POOLINGS = ("avg", "token")
+MODES = ("linear", "partial", "full")
+# Variable names that AdamW leaves alone: biases, norms, tokens, fixed tables.
+NO_WEIGHT_DECAY = ("bias", "gamma", "beta", "class_token", "mask_token", "table")
+HEAD_INITIALIZER = keras.initializers.TruncatedNormal(stddev=0.01)
+
+
+def load_encoder(path):
+    """The `MAEEncoder` inside a train.py run folder (its encoder.keras or mae.keras),
+    or inside a `.keras` file of a MaskedAutoencoder, an MAEEncoder or a ViTClassifier.
+
+    Raises a ValueError that says what was found instead.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        candidates = [path / "encoder.keras", path / "mae.keras"]
+        found = [candidate for candidate in candidates if candidate.is_file()]
+        if not found:
+            raise ValueError(f"{path} holds neither encoder.keras nor mae.keras (is it a train.py run folder?).")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist.")
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as error:
+        raise ValueError(f"{path} is not a loadable .keras model: {str(error).splitlines()[0]}") from None
+    if isinstance(model, (MaskedAutoencoder, ViTClassifier)):
+        model = model.encoder
+    if not isinstance(model, MAEEncoder):
+        raise ValueError(f"{path} is a {type(model).__name__}, not a keras-mae model "
+                         "(mae.keras, encoder.keras or classifier.keras).")
+    return model
+
+
+def pool_tokens(tokens, pooling="avg"):
+    """Encoder tokens `(B, 1 + N, D)` -> features `(B, D)`: mean of the patch tokens
+    ("avg", the paper's fine-tuning default) or the class token ("token")."""
+    if pooling == "avg":
+        return ops.mean(tokens[:, 1:], axis=1)
+    if pooling == "token":
+        return tokens[:, 0]
+    raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class ViTClassifier(keras.Model):
+    """Images -> class probabilities with an `MAEEncoder` and a linear head.
+
+    Args:
+        encoder: an `MAEEncoder` (pre-trained, or fresh for a from-scratch baseline).
+        num_classes: outputs of the head.
+        pooling: "avg" (mean of patch tokens) or "token" (class token).
+        probe_norm: put BatchNorm without affine parameters before the head (the
+            paper's linear probe: it calibrates features of any scale for a linear layer).
+        dropout_rate: dropout on the pooled features.
+        activation: of the head; "softmax" gives probabilities, None logits.
+        class_names: optional names of the outputs, kept with the model (and used by
+            `python -m keras_mae.export --kind classifier`).
+        mode, blocks: what trains, see `set_mode`; saved with the model so that a
+            loaded classifier resumes training the same weights.
+    """
+
+    def __init__(self, encoder, num_classes, pooling="avg", probe_norm=False, dropout_rate=0.0,
+                 activation="softmax", class_names=None, mode="full", blocks=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(encoder, MAEEncoder):
+            raise ValueError(f"`encoder` must be a keras_mae MAEEncoder, got {type(encoder).__name__}.")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an int of at least 2, got {num_classes!r}.")
+        if pooling not in POOLINGS:
+            raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} `class_names` given for {num_classes} classes.")
+        self.class_names = None if class_names is None else [str(name) for name in class_names]
+        self.encoder = encoder
+        self.num_classes = num_classes
+        self.pooling = pooling
+        self.probe_norm = probe_norm
+        self.dropout_rate = dropout_rate
+        self.activation = activation
+        head = [keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-6, name="probe_norm")] \
+            if probe_norm else []
+        head += [
+            keras.layers.Dropout(dropout_rate, name="dropout"),
+            keras.layers.Dense(num_classes, activation=activation, kernel_initializer=HEAD_INITIALIZER,
+                               dtype=keras.DTypePolicy("float32") if activation == "softmax" else None,
+                               name="logits"),
+        ]
+        # The head alone is a model too: a linear probe trains it on cached features.
+        self.head = keras.Sequential(head, name="head")
+        self.head.build((None, encoder.width))
+        self.built = True
+        self.set_mode(mode, blocks)
+
+    @property
+    def image_size(self):
+        return self.encoder.image_size
+
+    @property
+    def num_channels(self):
+        return self.encoder.num_channels
+
+    def features(self, images, training=None):
+        """Pooled encoder features `(B, D)`: what the head sees."""
+        return pool_tokens(self.encoder(images, training=training), self.pooling)
+
+    def call(self, images, training=None):
+        return self.head(self.features(images, training=training), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes)
+
+    def set_mode(self, mode, blocks=None):
+        """Chooses what trains: "linear" (head only), "partial" (head, the last `blocks`
+        transformer blocks and the final norm) or "full" (everything)."""
+        depth = self.encoder.depth
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+        if mode == "partial" and not (isinstance(blocks, int) and 1 <= blocks <= depth):
+            raise ValueError(f"Partial fine-tuning needs 1 <= blocks <= {depth} (the encoder's depth), got {blocks!r}.")
+        self.mode, self.blocks = mode, blocks
+        trainable_blocks = {"linear": 0, "partial": blocks, "full": depth}[mode]
+        # Keras hides all weights of a layer whose `trainable` is False, so the encoder
+        # stays trainable and its parts are switched one by one.
+        self.encoder.trainable = mode != "linear"
+        if mode == "linear":
+            return
+        full = mode == "full"
+        self.encoder.patch_embedding.trainable = full
+        self.encoder.class_token.trainable = full
+        for index, block in enumerate(self.encoder.blocks):
+            block.trainable = index >= depth - trainable_blocks
+        self.encoder.norm.trainable = True
+
+    def layer_decay_multipliers(self, decay):
+        """`{variable path: learning-rate multiplier}` of layer-wise decay (BEiT, MAE):
+        the head and final norm get 1, block i gets decay ** (depth - i), the patch
+        embedding and class token decay ** (depth + 1)."""
+        depth = self.encoder.depth
+        multipliers = {v.path: 1.0 for v in self.weights}
+        embedding = [*self.encoder.patch_embedding.weights, *self.encoder.position_embedding.weights,
+                     self.encoder.class_token]
+        for variable in embedding:
+            multipliers[variable.path] = decay ** (depth + 1)
+        for index, block in enumerate(self.encoder.blocks):
+            for variable in block.weights:
+                multipliers[variable.path] = decay ** (depth - index)
+        return multipliers
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "num_classes": self.num_classes,
+            "pooling": self.pooling,
+            "probe_norm": self.probe_norm,
+            "dropout_rate": self.dropout_rate,
+            "activation": self.activation,
+            "class_names": self.class_names,
+            "mode": self.mode,
+            "blocks": self.blocks,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_mae")
+class LayerDecayAdamW(keras.optimizers.Adam):
+    """AdamW with a learning-rate multiplier per variable (layer-wise decay).
+
+    Keras optimizers have one learning rate; fine-tuning a pre-trained ViT wants the
+    early blocks to move less than the late ones. The decoupled weight decay step is
+    scaled the same way, as in the official recipe, and skips `no_weight_decay` names.
+
+    Args:
+        learning_rate: the base rate (a float or a schedule), the head's.
+        lr_multipliers: `{variable path: multiplier}`, e.g. from
+            `ViTClassifier.layer_decay_multipliers`; missing paths get 1.
+        weight_decay: decoupled weight decay.
+        no_weight_decay: variable names that are not decayed.
+        **kwargs: Adam's (beta_1, beta_2, epsilon, clipnorm, ...).
+    """
+
+    def __init__(self, learning_rate=0.001, lr_multipliers=None, weight_decay=0.05,
+                 no_weight_decay=NO_WEIGHT_DECAY, name="layer_decay_adamw", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self.decoupled_weight_decay = weight_decay
+        self.no_weight_decay = tuple(no_weight_decay)
+
+    def build(self, variables):
+        super().build(variables)
+        # Indexed like the optimizer's own slots: update_step runs on every backend's
+        # variable type (tf.Variable under tf.distribute), which all have an index.
+        self._lr_scales = [float(self.lr_multipliers.get(v.path, 1.0)) for v in variables]
+        self._decayed = [v.name not in self.no_weight_decay for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        learning_rate = ops.cast(learning_rate, variable.dtype) * self._lr_scales[index]
+        if self.decoupled_weight_decay and self._decayed[index]:
+            variable.assign(variable - variable * (self.decoupled_weight_decay * learning_rate))
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            lr_multipliers=self.lr_multipliers,
+            weight_decay=self.decoupled_weight_decay,
+            no_weight_decay=list(self.no_weight_decay),
+        )
+        return config
