@@ -24,14 +24,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from keras_mae.data import DataError, load_source, make_pipeline, pretraining_augmentation
+    from keras_mae.data import DataError, load_source, make_pipeline, crop_and_flip_augmentation
 
     try:
         source = load_source(args.dataset, "train", args.data_dir)
     except DataError as error:
         sys.exit(f"error: {error}")
     size = args.image_size or (source.images.shape[1] if source.images is not None else 32)
-    augment = None if args.no_augment else pretraining_augmentation((size, size), seed=0)
+    augment = None if args.no_augment else crop_and_flip_augmentation((size, size), seed=0)
     dataset = make_pipeline(source, (size, size), args.channels or source.num_channels, args.batch_size, augment=augment)
     for _ in dataset:  # first pass: tracing and the cache
         pass

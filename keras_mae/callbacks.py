@@ -1,4 +1,4 @@
-"""Callbacks of a pre-training run: reconstruction pictures and crash-safe checkpoints."""
+"""Callbacks of a run: reconstruction pictures, crash-safe checkpoints, a k-NN monitor."""
 
 import json
 import os
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import keras
 
+from keras_mae.evaluation import extract_features, knn_accuracy
 from keras_mae.visualize import save_reconstructions
 
 
@@ -72,12 +73,15 @@ class RunCheckpoint(keras.callbacks.Callback):
     `checkpoint_XXX.keras` is written under a temporary name and renamed; `state.json`,
     renamed the same way, then points at it; older checkpoints are deleted last. A
     process killed at any moment leaves `state.json` naming a complete file.
+    `model` saves another model than the one being fitted (a classifier whose head
+    alone is fitted on cached features).
     """
 
-    def __init__(self, run_dir, extra_state=None):
+    def __init__(self, run_dir, extra_state=None, model=None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.extra_state = extra_state or {}
+        self.saved_model = model
 
     @staticmethod
     def load_state(run_dir):
@@ -89,8 +93,41 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         name = f"checkpoint_{epoch + 1:03d}.keras"
-        write_atomically(self.run_dir / name, self.model.save)
+        write_atomically(self.run_dir / name, (self.saved_model or self.model).save)
         write_json(self.run_dir / "state.json", {**self.extra_state, "epoch": epoch + 1, "checkpoint": name})
         for old in self.run_dir.glob("checkpoint_*.keras"):
             if old.name != name:
                 old.unlink()
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """k-NN accuracy (cosine, k=20) of the encoder's pooled features every `every` epochs.
+
+    A cheap look at the representation while pre-training: no classifier is trained.
+    The figure goes into the epoch's logs as `knn_accuracy`, so CSVLogger and
+    TensorBoard record it.
+
+    Args:
+        encoder: the `MAEEncoder` to measure (e.g. `mae.encoder`).
+        train_data, test_data: batched `(images, labels)` datasets, labelled.
+    """
+
+    def __init__(self, encoder, train_data, test_data, every=1, k=20, pooling="avg"):
+        super().__init__()
+        self.encoder = encoder
+        self.train_data = train_data
+        self.test_data = test_data
+        self.every = max(1, int(every))
+        self.k = k
+        self.pooling = pooling
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The first epoch always measures: CSVLogger fixes its columns there.
+        if epoch and (epoch + 1) % self.every and epoch + 1 != self.params.get("epochs"):
+            return
+        train = extract_features(self.encoder, self.train_data, self.pooling)
+        test = extract_features(self.encoder, self.test_data, self.pooling)
+        accuracy = knn_accuracy(*train, *test, k=self.k)
+        if logs is not None:
+            logs["knn_accuracy"] = accuracy
+        print(f"\nEpoch {epoch + 1}: k-NN (k={self.k}) accuracy {accuracy:.4f}", flush=True)

@@ -77,6 +77,56 @@ class ImageSource:
         )
 
 
+    def label_array(self):
+        """Every example's label as int32 `(N,)`; a dataset source is read once for it."""
+        if not self.has_labels:
+            raise DataError(f"{self.description} has no labels.")
+        if self.labels is not None:
+            return np.asarray(self.labels, dtype="int32")
+        return np.fromiter(self.dataset.map(lambda image, label: label).as_numpy_iterator(), dtype="int32")
+
+    def select(self, indices, description):
+        """The examples at `indices` (sorted, unique), e.g. a stratified subset."""
+        indices = np.asarray(indices, dtype="int64")
+        dataset = None
+        if self.dataset is not None:
+            keep = np.zeros(self.num_examples, dtype=bool)
+            keep[indices] = True
+            keep = tf.constant(keep)
+            dataset = self.dataset.enumerate().filter(lambda i, example: keep[i]).map(lambda i, example: example)
+        return dataclasses.replace(
+            self,
+            description=f"{self.description}, {description}",
+            num_examples=len(indices),
+            images=None if self.images is None else self.images[indices],
+            files=None if self.files is None else [self.files[i] for i in indices],
+            dataset=dataset,
+            labels=None if self.labels is None else self.labels[indices],
+        )
+
+
+def stratified_indices(labels, fraction, seed=0):
+    """Sorted indices of `fraction` of each class (rounded, at least one per class)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, int(round(fraction * len(members))))
+        chosen.append(rng.choice(members, size=min(count, len(members)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def stratified_split(source, fraction, seed=0):
+    """`(rest, held_out)`: `fraction` of every class held out, for sources without a test split."""
+    labels = source.label_array()
+    held_out = stratified_indices(labels, fraction, seed)
+    rest = np.setdiff1d(np.arange(len(labels)), held_out)
+    if not len(rest):
+        raise DataError(f"{source.description} is too small to hold out {fraction:.0%} for testing.")
+    return (source.select(rest, f"{len(rest)} kept for training"),
+            source.select(held_out, f"{len(held_out)} held out for testing"))
+
+
 def read_idx(path):
     """Reads an IDX file (gzipped or not) into a numpy array."""
     opener = gzip.open if str(path).endswith(".gz") else open
@@ -339,15 +389,16 @@ def make_pipeline(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def pretraining_augmentation(image_size, seed=None):
-    """The paper's pre-training augmentation on a batch: random resized crop
-    (area 0.2 to 1, aspect 3/4 to 4/3) and horizontal flip, from keras-cv and keras."""
+def crop_and_flip_augmentation(image_size, crop_area=(0.2, 1.0), seed=None):
+    """Random resized crop (a fraction `crop_area` of the image, aspect 3/4 to 4/3) and
+    horizontal flip of a batch, from keras-cv and keras: the paper's pre-training
+    augmentation with the default area, a milder fine-tuning one with a larger area."""
     import keras
     import keras_cv
 
     crop = keras_cv.layers.RandomCropAndResize(
         target_size=tuple(image_size),
-        crop_area_factor=(0.2, 1.0),
+        crop_area_factor=tuple(crop_area),
         aspect_ratio_factor=(3 / 4, 4 / 3),
         seed=seed,
     )

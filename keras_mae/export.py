@@ -42,8 +42,14 @@ class ExportError(ValueError):
 def _load(model_path, kind):
     import keras
 
-    from keras_mae.models import MAEEncoder, MaskedAutoencoder
+    from keras_mae.classifier import ViTClassifier, load_encoder
+    from keras_mae.models import MaskedAutoencoder
 
+    if kind == "encoder":
+        try:
+            return load_encoder(model_path)
+        except ValueError as error:
+            raise ExportError(f"--kind encoder needs a keras-mae model: {error}") from None
     if not Path(model_path).is_file():
         raise ExportError(f"{model_path} does not exist.")
     try:
@@ -53,12 +59,7 @@ def _load(model_path, kind):
     if kind == "reconstructor":
         if not isinstance(model, MaskedAutoencoder):
             raise ExportError(f"--kind reconstructor needs a keras-mae MaskedAutoencoder (mae.keras), got {type(model).__name__}.")
-    elif kind == "encoder":
-        if isinstance(model, MaskedAutoencoder):
-            model = model.encoder
-        if not isinstance(model, MAEEncoder):
-            raise ExportError(f"--kind encoder needs a keras-mae model (mae.keras or encoder.keras), got {type(model).__name__}.")
-    else:
+    elif not isinstance(model, ViTClassifier):
         shape = model.outputs[0].shape if getattr(model, "outputs", None) else None
         if shape is None or len(shape) != 2 or len(model.inputs[0].shape) != 4:
             raise ExportError(
@@ -142,8 +143,8 @@ def export(model_path, kind, output, version=1, overwrite=False, class_names=Non
         raise ExportError(f"{target} already exists: pass --overwrite or another --version.")
     model = _load(model_path, kind)
     if kind == "classifier":
-        classes = model.outputs[0].shape[-1]
-        class_names = list(class_names or [str(i) for i in range(classes)])
+        classes = getattr(model, "num_classes", None) or model.outputs[0].shape[-1]
+        class_names = list(class_names or getattr(model, "class_names", None) or [str(i) for i in range(classes)])
         if len(class_names) != classes:
             raise ExportError(f"The classifier has {classes} outputs but {len(class_names)} class names were given.")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -83,3 +83,47 @@ def save_loss_curve(history, path, title="MAE pre-training"):
     axis.legend()
     figure.tight_layout()
     figure.savefig(path)
+
+
+def save_training_curves(history, path, title="Fine-tuning"):
+    """Two panels against the epoch: every loss column, every accuracy column."""
+    figure = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
+    epochs = [int(e) + 1 for e in history.get("epoch", range(len(history.get("loss", []))))]
+    for axis, word in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
+        for key, values in history.items():
+            if word in key:
+                axis.plot(epochs, values, marker="o", markersize=3, label=key)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(word)
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def save_confusion_matrix(matrix, class_names, path, title="Confusion matrix"):
+    """Row-normalised confusion matrix (true class per row) with the counts written in."""
+    matrix = np.asarray(matrix)
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    figure = Figure(figsize=(size, size), dpi=100)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title)
+    if len(class_names) <= 30:
+        for row in ticks:
+            for column in ticks:
+                axis.text(column, row, str(matrix[row, column]), ha="center", va="center", fontsize=7,
+                          color="white" if rates[row, column] > 0.5 else "black")
+    figure.tight_layout()
+    figure.savefig(path)

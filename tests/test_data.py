@@ -14,7 +14,7 @@ from keras_mae.data import (
     load_image_folder,
     load_source,
     make_pipeline,
-    pretraining_augmentation,
+    crop_and_flip_augmentation,
     read_idx,
 )
 
@@ -132,7 +132,7 @@ def test_tfds_errors_are_clear():
 
 
 def test_augmentation_keeps_shape_and_range():
-    augment = pretraining_augmentation((16, 16), seed=1)
+    augment = crop_and_flip_augmentation((16, 16), seed=1)
     images = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
     out = np.asarray(augment(images))
     assert out.shape == images.shape and 0.0 <= out.min() and out.max() <= 1.0
@@ -141,6 +141,6 @@ def test_augmentation_keeps_shape_and_range():
 
 def test_training_pipeline_shuffles_augments_and_drops_the_last_partial_batch():
     source = load_source("synthetic").take(50)
-    augment = pretraining_augmentation((32, 32), seed=0)
+    augment = crop_and_flip_augmentation((32, 32), seed=0)
     batches = list(make_pipeline(source, (32, 32), 3, 16, augment=augment, seed=3))
     assert [b.shape[0] for b in batches] == [16, 16, 16]
