@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 DEFAULT_PRESET = "mae_vit_mini_patch4"
-NO_DECAY = ["bias", "gamma", "beta", "class_token", "mask_token", "table"]
 
 
 def build_parser():
@@ -96,6 +95,11 @@ def build_parser():
                         help="Epochs between reconstruction grids (default: %(default)s).")
     output.add_argument("--num-reconstructions", type=int, default=8,
                         help="Images in each reconstruction grid (default: %(default)s).")
+    output.add_argument("--knn-every", type=int, default=0,
+                        help="Every N epochs (and the first and last), the k-NN accuracy (cosine, k=20) of the "
+                             "encoder's features, into history.csv and TensorBoard: a cheap look at the "
+                             "representation. Needs labels; uses up to 10,000 training and test images (the "
+                             "test split, or 10%% held out). 0 = off (default).")
     output.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None,
                         help="Keras fit verbosity: 0 silent, 1 progress bar, 2 a line per epoch "
                              "(default: progress bar on a terminal, else a line per epoch).")
@@ -111,6 +115,8 @@ def check_flags(args):
     positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--base-lr": args.base_lr,
                 "--reconstruct-every": args.reconstruct_every, "--num-reconstructions": args.num_reconstructions,
                 "--cpu-devices": args.cpu_devices, "--steps-per-execution": args.steps_per_execution}
+    if args.knn_every < 0:
+        fail(f"--knn-every must not be negative, got {args.knn_every}.")
     for flag in ("--image-size", "--channels", "--limit", "--patch-size"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
@@ -157,8 +163,10 @@ def main(argv=None):
     import numpy as np
 
     from keras_mae import MaskedAutoencoder
-    from keras_mae.callbacks import ReconstructionLogger, RunCheckpoint, write_atomically, write_json
-    from keras_mae.data import DataError, load_source, make_pipeline, pretraining_augmentation, image_dataset
+    from keras_mae.classifier import NO_WEIGHT_DECAY
+    from keras_mae.callbacks import KNNMonitor, ReconstructionLogger, RunCheckpoint, write_atomically, write_json
+    from keras_mae.data import (DataError, crop_and_flip_augmentation, image_dataset, load_source, make_pipeline,
+                                stratified_split)
     from keras_mae.distribute import StrategyError, strategy_scope
     from keras_mae.presets import check_preset
     from keras_mae.visualize import read_history, save_loss_curve
@@ -195,10 +203,20 @@ def main(argv=None):
 
     size = (image_size, image_size)
     try:
-        augment = None if args.no_augment else pretraining_augmentation(size, seed=args.seed)
+        augment = None if args.no_augment else crop_and_flip_augmentation(size, seed=args.seed)
         train_data = make_pipeline(source, size, channels, args.batch_size, augment=augment, seed=args.seed)
         preview_source = load_source(args.dataset, "test", args.data_dir) if args.dataset == "fashion_mnist" else source
         preview = np.stack(list(image_dataset(preview_source, size, channels).take(args.num_reconstructions).as_numpy_iterator()))
+        knn_sources = None
+        if args.knn_every:
+            if not source.has_labels:
+                raise DataError(f"--knn-every needs labelled images; {source.description} has no labels.")
+            has_test = args.dataset == "fashion_mnist" or args.dataset.startswith("tfds:") and args.dataset.count(":") == 1
+            knn_sources = (source, load_source(args.dataset, "test", args.data_dir)) if has_test \
+                else stratified_split(source, 0.1, seed=args.seed)
+            knn_sources = [
+                make_pipeline(s.take(10_000), size, channels, 256, training=False, with_labels=True) for s in knn_sources
+            ]
     except DataError as error:
         fail(str(error))
 
@@ -235,7 +253,7 @@ def main(argv=None):
             0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
         )
         optimizer = keras.optimizers.AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)
-        optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
+        optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
         mae.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution)
         initial_epoch = 0
         if state is not None:
@@ -251,6 +269,7 @@ def main(argv=None):
         history_path.write_text("".join(lines[: 1 + initial_epoch]))
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
+        *([KNNMonitor(mae.encoder, *knn_sources, every=args.knn_every)] if knn_sources else []),  # before the logger
         keras.callbacks.CSVLogger(str(history_path), append=bool(initial_epoch)),
         keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
         ReconstructionLogger(preview, run_dir / "reconstructions", every=args.reconstruct_every,

@@ -80,7 +80,7 @@ def test_existing_run_folder_is_not_overwritten_by_accident(tmp_path, capsys):
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_two_epochs_on_real_fashion_mnist_write_the_whole_run_folder(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    train.main([*QUICK, "--limit", "256", "--epochs", "2", "--output-dir", str(run_dir), "--export"])
+    train.main([*QUICK, "--limit", "256", "--epochs", "2", "--output-dir", str(run_dir), "--export", "--knn-every", "1"])
     out = capsys.readouterr().out
     assert str(DEBIAN_FASHION_MNIST) in out and "Final loss" in out
     for name in ("config.json", "mae.keras", "encoder.keras", "history.csv", "loss_curve.png",
@@ -92,7 +92,10 @@ def test_two_epochs_on_real_fashion_mnist_write_the_whole_run_folder(tmp_path, c
     config = json.loads((run_dir / "config.json").read_text())
     assert config["flags"]["epochs"] == 2 and config["model"]["num_channels"] == 1
     assert config["model"]["image_size"] == 28 and "train.py" in config["command"]
-    assert len((run_dir / "history.csv").read_text().splitlines()) == 3
+    rows = (run_dir / "history.csv").read_text().splitlines()
+    assert len(rows) == 3 and "knn_accuracy" in rows[0].split(",")
+    knn = [float(row.split(",")[rows[0].split(",").index("knn_accuracy")]) for row in rows[1:]]
+    assert all(0.1 < value <= 1 for value in knn)  # above chance on 10 classes
     mae = keras.saving.load_model(run_dir / "mae.keras")
     encoder = keras.saving.load_model(run_dir / "encoder.keras")
     images = np.zeros((2, 28, 28, 1), dtype=np.float32)
