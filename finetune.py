@@ -22,8 +22,6 @@ Runs under KERAS_BACKEND=tensorflow, jax or torch.
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -142,23 +140,6 @@ def check_flags(args):
             fail(f"--{flag.replace('_', '-')} must not be negative.")
     if args.weight_decay is not None and args.weight_decay < 0:
         fail("--weight-decay must not be negative.")
-    if args.resume and args.overwrite:
-        fail("--resume and --overwrite contradict each other: choose one.")
-
-
-def prepare_run_dir(args):
-    dataset = Path(args.dataset).name if os.path.exists(args.dataset) else args.dataset.replace(":", "_")
-    run_dir = Path(args.output_dir or Path("saved_models") / f"finetune_{args.mode}_{dataset}")
-    if run_dir.exists() and not run_dir.is_dir():
-        fail(f"--output-dir {run_dir} exists and is not a folder.")
-    started = run_dir.is_dir() and any(run_dir.iterdir())
-    if started and args.overwrite:
-        shutil.rmtree(run_dir)
-    elif started and not args.resume:
-        fail(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
-             "--overwrite to start again, or another --output-dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def load_splits(args):
@@ -202,6 +183,7 @@ def main(argv=None):
     from keras_mae.data import DataError, crop_and_flip_augmentation, make_pipeline
     from keras_mae.evaluation import classification_report, extract_features, knn_accuracy
     from keras_mae.models import MaskedAutoencoder
+    from keras_mae.runs import RunFolderError, export_saved_model, prepare_run_dir, trim_history
     from keras_mae.visualize import read_history, save_confusion_matrix, save_training_curves
 
     started_at = time.time()
@@ -231,7 +213,12 @@ def main(argv=None):
     if args.batch_size > train_source.num_examples:
         fail(f"--batch-size {args.batch_size} is larger than the {train_source.num_examples} training images.")
 
-    run_dir = prepare_run_dir(args)
+    dataset = Path(args.dataset).name if os.path.exists(args.dataset) else args.dataset.replace(":", "_")
+    try:
+        run_dir = prepare_run_dir(args.output_dir or Path("saved_models") / f"finetune_{args.mode}_{dataset}",
+                                  args.resume, args.overwrite)
+    except RunFolderError as error:
+        fail(str(error))
     state = RunCheckpoint.load_state(run_dir) if args.resume else None
     keras.config.set_dtype_policy(args.dtype_policy)
 
@@ -347,9 +334,7 @@ def main(argv=None):
         print(f"Resuming after epoch {initial_epoch} from {run_dir / state['checkpoint']}.")
 
     history_path = run_dir / "history.csv"
-    if initial_epoch and history_path.is_file():
-        lines = history_path.read_text().splitlines(keepends=True)
-        history_path.write_text("".join(lines[: 1 + initial_epoch]))
+    trim_history(history_path, initial_epoch)
 
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
@@ -387,14 +372,10 @@ def main(argv=None):
                           title=f"{mode_text}: top-1 {results['top1_accuracy']:.4f}")
     if history:
         save_training_curves(history, run_dir / "training_curves.png", title=mode_text)
-    if args.export:
-        command = [sys.executable, "-m", "keras_mae.export", str(run_dir / "classifier.keras"), "--kind",
-                   "classifier", "--output", str(run_dir / "serving" / "classifier"), "--overwrite"]
-        here = str(Path(__file__).resolve().parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-        if subprocess.call(command, env=env):
-            print("finetune.py: error: exporting the classifier failed (classifier.keras is saved).", file=sys.stderr)
-            sys.exit(1)
+    if args.export and not export_saved_model(run_dir / "classifier.keras", "classifier",
+                                              run_dir / "serving" / "classifier"):
+        print("finetune.py: error: exporting the classifier failed (classifier.keras is saved).", file=sys.stderr)
+        sys.exit(1)
     print(f"Done in {time.time() - started_at:.0f} s. Top-1 {results['top1_accuracy']:.4f}, "
           f"top-5 {results['top5_accuracy']:.4f} on {results['num_examples']} test images.")
     print(f"Wrote {run_dir}/: classifier.keras, metrics.json, confusion_matrix.png, history.csv, "

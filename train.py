@@ -11,11 +11,11 @@ Runs under KERAS_BACKEND=tensorflow, jax or torch.
 """
 
 import argparse
-import json
+import hashlib
 import os
 import shutil
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,9 +75,24 @@ def build_parser():
                        help="Training steps run per compiled call: fewer Python round trips for small "
                             "models on fast devices (default: %(default)s).")
     train.add_argument("--seed", type=int, default=0, help="Seed of masking, shuffling and augmentation.")
-    train.add_argument("--strategy", choices=["auto", "none", "mirrored", "data_parallel"], default="auto",
+    train.add_argument("--strategy", choices=["auto", "none", "mirrored", "data_parallel", "multi_process",
+                                              "multi_worker"], default="auto",
                        help="Several devices: mirrored (TensorFlow), data_parallel (JAX); auto picks "
-                            "one when more than one device is present (default: %(default)s).")
+                            "one when more than one device is present. Several processes or machines: "
+                            "multi_process (JAX; see --coordinator-address). multi_worker (TensorFlow) is "
+                            "refused: it does not work with Keras 3's fit (default: %(default)s).")
+    train.add_argument("--coordinator-address", default=None,
+                       help="multi_process: HOST:PORT of process 0, which every process connects to "
+                            "(default: $KERAS_DISTRIBUTION_JOB_ADDRESSES).")
+    train.add_argument("--num-processes", type=int, default=None,
+                       help="multi_process: how many processes in all (default: $KERAS_DISTRIBUTION_NUM_PROCESSES "
+                            "or $SLURM_NTASKS).")
+    train.add_argument("--process-id", type=int, default=None,
+                       help="multi_process: this process's index, 0 writes the run folder (default: "
+                            "$KERAS_DISTRIBUTION_PROCESS_ID, $SLURM_PROCID or $JOB_COMPLETION_INDEX).")
+    train.add_argument("--distributed-timeout", type=float, default=300,
+                       help="multi_process: seconds to wait for every process at start-up, and for a process "
+                            "that went silent during training, before stopping with an error (default: %(default)s).")
     train.add_argument("--cpu-devices", type=int, default=1,
                        help="Split the CPU into N logical devices, to try multi-device training without GPUs.")
 
@@ -115,6 +130,11 @@ def check_flags(args):
     positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--base-lr": args.base_lr,
                 "--reconstruct-every": args.reconstruct_every, "--num-reconstructions": args.num_reconstructions,
                 "--cpu-devices": args.cpu_devices, "--steps-per-execution": args.steps_per_execution}
+    if args.distributed_timeout <= 0:
+        fail(f"--distributed-timeout must be positive, got {args.distributed_timeout}.")
+    if args.strategy != "multi_process" and any(
+            v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)):
+        fail("--coordinator-address, --num-processes and --process-id need --strategy multi_process.")
     if args.knn_every < 0:
         fail(f"--knn-every must not be negative, got {args.knn_every}.")
     for flag in ("--image-size", "--channels", "--limit", "--patch-size"):
@@ -128,27 +148,11 @@ def check_flags(args):
         fail(f"--mask-ratio must be strictly between 0 and 1, got {args.mask_ratio}.")
     if args.weight_decay < 0 or args.warmup_epochs < 0:
         fail("--weight-decay and --warmup-epochs must not be negative.")
-    if args.resume and args.overwrite:
-        fail("--resume and --overwrite contradict each other: choose one.")
 
 
 def default_run_dir(args):
     dataset = Path(args.dataset).name if os.path.exists(args.dataset) else args.dataset.replace(":", "_")
     return Path("saved_models") / f"{args.preset}_{dataset}"
-
-
-def prepare_run_dir(args):
-    run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(args)
-    if run_dir.exists() and not run_dir.is_dir():
-        fail(f"--output-dir {run_dir} exists and is not a folder.")
-    started = run_dir.is_dir() and any(run_dir.iterdir())
-    if started and args.overwrite:
-        shutil.rmtree(run_dir)
-    elif started and not args.resume:
-        fail(f"run folder {run_dir} already holds a run: pass --resume to continue it, "
-             "--overwrite to start again, or another --output-dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def main(argv=None):
@@ -162,13 +166,27 @@ def main(argv=None):
     import keras
     import numpy as np
 
+    from keras_mae.distribute import StrategyError, resolve_cluster, start_multi_process
+
+    if args.strategy == "multi_process":
+        # First, before any computation: JAX's runtime must start before it is used.
+        if keras.backend.backend() != "jax":
+            fail(f"--strategy multi_process needs KERAS_BACKEND=jax (this run uses {keras.backend.backend()}).")
+        try:
+            start_multi_process(resolve_cluster(args.coordinator_address, args.num_processes, args.process_id),
+                                timeout=args.distributed_timeout)
+        except StrategyError as error:
+            fail(str(error))
+    keras.utils.set_random_seed(args.seed)  # the same initial weights in every process
+
     from keras_mae import MaskedAutoencoder
     from keras_mae.classifier import NO_WEIGHT_DECAY
     from keras_mae.callbacks import KNNMonitor, ReconstructionLogger, RunCheckpoint, write_atomically, write_json
     from keras_mae.data import (DataError, crop_and_flip_augmentation, image_dataset, load_source, make_pipeline,
                                 stratified_split)
-    from keras_mae.distribute import StrategyError, strategy_scope
+    from keras_mae.distribute import process_index, strategy_scope
     from keras_mae.presets import check_preset
+    from keras_mae.runs import RunFolderError, export_saved_model, prepare_run_dir, trim_history
     from keras_mae.visualize import read_history, save_loss_curve
 
     started_at = time.time()
@@ -193,8 +211,23 @@ def main(argv=None):
         scope, strategy_text, replicas = strategy_scope(args.strategy, args.batch_size)
     except StrategyError as error:
         fail(str(error))
-    run_dir = prepare_run_dir(args)
+    chief = process_index() == 0
+    try:
+        run_dir = prepare_run_dir(args.output_dir or default_run_dir(args), args.resume, args.overwrite, chief)
+    except RunFolderError as error:
+        fail(str(error))
+    # Every process runs the same callbacks (their model calls are collective); the
+    # others write into a scratch folder that is deleted at the end.
+    out_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix=f"keras_mae_process{process_index()}_"))
     state = RunCheckpoint.load_state(run_dir) if args.resume else None
+    if args.strategy == "multi_process":
+        from jax.experimental import multihost_utils
+
+        mine = state["epoch"] if state else 0
+        chiefs = int(multihost_utils.broadcast_one_to_all(np.int32(mine)))
+        if mine != chiefs:
+            fail(f"process {process_index()} finds epoch {mine} in {run_dir} but process 0 finds epoch {chiefs}: "
+                 "--resume needs the run folder on a file system every process shares.")
     if args.resume and state is None:
         print(f"No checkpoint in {run_dir}: starting from epoch 0.")
 
@@ -244,7 +277,7 @@ def main(argv=None):
         "keras_version": keras.__version__,
         "strategy": strategy_text,
     }
-    write_json(run_dir / "config.json", run_config)
+    write_json(out_dir / "config.json", run_config)
 
     keras.config.set_dtype_policy(args.dtype_policy)
     with scope:
@@ -262,26 +295,35 @@ def main(argv=None):
             initial_epoch = state["epoch"]
             print(f"Resuming after epoch {initial_epoch} from {run_dir / state['checkpoint']}.")
 
-    history_path = run_dir / "history.csv"
-    if initial_epoch and history_path.is_file():
-        # Rows of epochs after the checkpoint (killed between the two writes) are redone.
-        lines = history_path.read_text().splitlines(keepends=True)
-        history_path.write_text("".join(lines[: 1 + initial_epoch]))
+    history_path = out_dir / "history.csv"
+    trim_history(history_path, initial_epoch)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         *([KNNMonitor(mae.encoder, *knn_sources, every=args.knn_every)] if knn_sources else []),  # before the logger
         keras.callbacks.CSVLogger(str(history_path), append=bool(initial_epoch)),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
-        ReconstructionLogger(preview, run_dir / "reconstructions", every=args.reconstruct_every,
-                             log_dir=run_dir / "logs" / "images", seed=args.seed),
-        RunCheckpoint(run_dir, {"epochs": args.epochs}),
+        keras.callbacks.TensorBoard(log_dir=str(out_dir / "logs")),
+        ReconstructionLogger(preview, out_dir / "reconstructions", every=args.reconstruct_every,
+                             log_dir=out_dir / "logs" / "images", seed=args.seed),
+        RunCheckpoint(out_dir, {"epochs": args.epochs}),
     ]
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
     print(f"Pre-training {args.preset} ({mae.count_params():,} parameters) on {image_size}x{image_size}x"
           f"{channels} images: {args.epochs} epochs of {steps_per_epoch} steps, batch {args.batch_size}, "
           f"lr {learning_rate:.3g}.")
-    history = mae.fit(train_data, epochs=args.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                   verbose=verbose, shuffle=False)  # the pipeline shuffles
+    try:
+        history = mae.fit(train_data, epochs=args.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                          verbose=verbose, shuffle=False)  # the pipeline shuffles
+    except Exception as error:
+        if args.strategy != "multi_process":
+            raise
+        # A peer died or went silent: the collective fails here. Leave at once: JAX's
+        # orderly shutdown would wait for the missing process, then abort noisily.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        print(f"\ntrain.py: error: process {process_index()} stopped: another process of this run failed or stopped "
+              f"answering ({reason}). The last completed epoch is in {run_dir}: start every process again with "
+              "--resume.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
     losses = history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]):
@@ -291,19 +333,24 @@ def main(argv=None):
     # checkpoint keeps it for --resume.
     trained = MaskedAutoencoder.from_config(mae.get_config())
     trained.set_weights(mae.get_weights())
-    write_atomically(run_dir / "mae.keras", trained.save)
-    write_atomically(run_dir / "encoder.keras", mae.encoder.save)
+    write_atomically(out_dir / "mae.keras", trained.save)
+    write_atomically(out_dir / "encoder.keras", mae.encoder.save)
     final_loss = float("nan")
     if history_path.is_file():
         history = read_history(history_path)
-        save_loss_curve(history, run_dir / "loss_curve.png")
+        save_loss_curve(history, out_dir / "loss_curve.png")
         final_loss = history.get("loss", [final_loss])[-1]
+    if args.strategy == "multi_process":
+        # Every process prints it: equal digests mean the replicas ended identical.
+        digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in trained.get_weights()))
+        print(f"Process {process_index()}: final weights sha256 {digest.hexdigest()}")
+    if not chief:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        print(f"Process {process_index()} done in {time.time() - started_at:.0f} s (process 0 wrote {run_dir}).")
+        return
     if args.export:
         for kind in ("encoder", "reconstructor"):
-            command = [sys.executable, "-m", "keras_mae.export", str(run_dir / "mae.keras"), "--kind", kind,
-                       "--output", str(run_dir / "serving" / kind), "--overwrite"]
-            if subprocess.call(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                    filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))}):
+            if not export_saved_model(run_dir / "mae.keras", kind, run_dir / "serving" / kind):
                 print(f"train.py: error: exporting the {kind} failed (the .keras files are saved).", file=sys.stderr)
                 sys.exit(1)
     print(f"Done in {time.time() - started_at:.0f} s. Final loss {final_loss:.4f}.")

@@ -67,7 +67,6 @@ def test_accuracy(text):
 def pixels_linear(epochs, batch, base_lr, seed, limit=None):
     """The same probe as finetune.py --mode linear, on the 784 raw pixels."""
     import keras
-    import numpy as np
 
     from keras_mae.data import load_source
 

@@ -18,7 +18,6 @@ POOLINGS = ("avg", "token")
 MODES = ("linear", "partial", "full")
 # Variable names that AdamW leaves alone: biases, norms, tokens, fixed tables.
 NO_WEIGHT_DECAY = ("bias", "gamma", "beta", "class_token", "mask_token", "table")
-HEAD_INITIALIZER = keras.initializers.TruncatedNormal(stddev=0.01)
 
 
 def load_encoder(path):
@@ -98,7 +97,7 @@ class ViTClassifier(keras.Model):
             if probe_norm else []
         head += [
             keras.layers.Dropout(dropout_rate, name="dropout"),
-            keras.layers.Dense(num_classes, activation=activation, kernel_initializer=HEAD_INITIALIZER,
+            keras.layers.Dense(num_classes, activation=activation, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.01),
                                dtype=keras.DTypePolicy("float32") if activation == "softmax" else None,
                                name="logits"),
         ]

@@ -24,7 +24,10 @@ from keras_mae.losses import NORM_PIX_EPSILON, masked_patch_loss, patch_statisti
 from keras_mae.masking import RandomMasking, check_mask_ratio, unshuffle
 from keras_mae.presets import check_preset
 
-TOKEN_INITIALIZER = keras.initializers.RandomNormal(stddev=0.02)
+def token_initializer():
+    """A new initializer per weight: one made at import time would draw its seed before
+    `keras.utils.set_random_seed`, and processes of one run would start differently."""
+    return keras.initializers.RandomNormal(stddev=0.02)
 
 
 def _check_positive_int(value, name):
@@ -121,7 +124,7 @@ class MAEEncoder(keras.Model):
         self.patch_embedding.build(input_shape)
         self.position_embedding.build(token_shape)
         self.class_token = self.add_weight(
-            shape=(1, 1, self.width), initializer=TOKEN_INITIALIZER, name="class_token"
+            shape=(1, 1, self.width), initializer=token_initializer(), name="class_token"
         )
         for block in self.blocks:
             block.build(token_shape)
@@ -240,7 +243,7 @@ class MAEDecoder(keras.Model):
         self.embed.build(input_shape)
         if self.use_mask_token:
             self.mask_token = self.add_weight(
-                shape=(1, 1, self.width), initializer=TOKEN_INITIALIZER, name="mask_token"
+                shape=(1, 1, self.width), initializer=token_initializer(), name="mask_token"
             )
         self.position_embedding.build(token_shape)
         for block in self.blocks:
@@ -394,7 +397,7 @@ class MaskedAutoencoder(keras.Model):
         if self.mask_tokens_in_encoder:
             self.encoder_mask_token = self.add_weight(
                 shape=(1, 1, self.encoder_width),
-                initializer=TOKEN_INITIALIZER,
+                initializer=token_initializer(),
                 name="encoder_mask_token",
             )
         self.built = True
