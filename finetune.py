@@ -144,7 +144,7 @@ def check_flags(args):
 
 def load_splits(args):
     """(train, test) labelled sources; errors are DataErrors with a message for the user."""
-    from keras_mae.data import DataError, load_source, stratified_indices, stratified_split
+    from keras_mae.data import DataError, load_source, stratified_indices, with_test_split
 
     train = load_source(args.dataset, "train", args.data_dir)
     if not train.has_labels:
@@ -152,14 +152,7 @@ def load_splits(args):
                         "sub-folder per class).")
     if len(train.class_names) < 2:
         raise DataError(f"{train.description} has {len(train.class_names)} class; a classifier needs at least 2.")
-    test = None
-    if args.dataset == "fashion_mnist" or args.dataset.startswith("tfds:") and args.dataset.count(":") == 1:
-        try:
-            test = load_source(args.dataset, "test", args.data_dir)
-        except DataError:
-            test = None
-    if test is None:
-        train, test = stratified_split(train, args.test_fraction, seed=args.seed)
+    train, test = with_test_split(train, args.dataset, args.data_dir, args.test_fraction, seed=args.seed)
     if args.limit:
         train = train.take(args.limit)
     if args.labels_fraction < 1:
@@ -183,7 +176,7 @@ def main(argv=None):
     from keras_mae.data import DataError, crop_and_flip_augmentation, make_pipeline
     from keras_mae.evaluation import classification_report, extract_features, knn_accuracy
     from keras_mae.models import MaskedAutoencoder
-    from keras_mae.runs import RunFolderError, export_saved_model, prepare_run_dir, trim_history
+    from keras_mae.runs import RunFolderError, dataset_slug, export_saved_model, prepare_run_dir, trim_history
     from keras_mae.visualize import read_history, save_confusion_matrix, save_training_curves
 
     started_at = time.time()
@@ -213,10 +206,9 @@ def main(argv=None):
     if args.batch_size > train_source.num_examples:
         fail(f"--batch-size {args.batch_size} is larger than the {train_source.num_examples} training images.")
 
-    dataset = Path(args.dataset).name if os.path.exists(args.dataset) else args.dataset.replace(":", "_")
     try:
-        run_dir = prepare_run_dir(args.output_dir or Path("saved_models") / f"finetune_{args.mode}_{dataset}",
-                                  args.resume, args.overwrite)
+        default = Path("saved_models") / f"finetune_{args.mode}_{dataset_slug(args.dataset)}"
+        run_dir = prepare_run_dir(args.output_dir or default, args.resume, args.overwrite)
     except RunFolderError as error:
         fail(str(error))
     state = RunCheckpoint.load_state(run_dir) if args.resume else None

@@ -150,11 +150,6 @@ def check_flags(args):
         fail("--weight-decay and --warmup-epochs must not be negative.")
 
 
-def default_run_dir(args):
-    dataset = Path(args.dataset).name if os.path.exists(args.dataset) else args.dataset.replace(":", "_")
-    return Path("saved_models") / f"{args.preset}_{dataset}"
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_flags(args)
@@ -183,10 +178,10 @@ def main(argv=None):
     from keras_mae.classifier import NO_WEIGHT_DECAY
     from keras_mae.callbacks import KNNMonitor, ReconstructionLogger, RunCheckpoint, write_atomically, write_json
     from keras_mae.data import (DataError, crop_and_flip_augmentation, image_dataset, load_source, make_pipeline,
-                                stratified_split)
+                                with_test_split)
     from keras_mae.distribute import process_index, strategy_scope
     from keras_mae.presets import check_preset
-    from keras_mae.runs import RunFolderError, export_saved_model, prepare_run_dir, trim_history
+    from keras_mae.runs import RunFolderError, dataset_slug, export_saved_model, prepare_run_dir, trim_history
     from keras_mae.visualize import read_history, save_loss_curve
 
     started_at = time.time()
@@ -213,7 +208,8 @@ def main(argv=None):
         fail(str(error))
     chief = process_index() == 0
     try:
-        run_dir = prepare_run_dir(args.output_dir or default_run_dir(args), args.resume, args.overwrite, chief)
+        default = Path("saved_models") / f"{args.preset}_{dataset_slug(args.dataset)}"
+        run_dir = prepare_run_dir(args.output_dir or default, args.resume, args.overwrite, chief)
     except RunFolderError as error:
         fail(str(error))
     # Every process runs the same callbacks (their model calls are collective); the
@@ -244,11 +240,9 @@ def main(argv=None):
         if args.knn_every:
             if not source.has_labels:
                 raise DataError(f"--knn-every needs labelled images; {source.description} has no labels.")
-            has_test = args.dataset == "fashion_mnist" or args.dataset.startswith("tfds:") and args.dataset.count(":") == 1
-            knn_sources = (source, load_source(args.dataset, "test", args.data_dir)) if has_test \
-                else stratified_split(source, 0.1, seed=args.seed)
             knn_sources = [
-                make_pipeline(s.take(10_000), size, channels, 256, training=False, with_labels=True) for s in knn_sources
+                make_pipeline(s.take(10_000), size, channels, 256, training=False, with_labels=True)
+                for s in with_test_split(source, args.dataset, args.data_dir, seed=args.seed)
             ]
     except DataError as error:
         fail(str(error))

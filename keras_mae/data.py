@@ -76,7 +76,6 @@ class ImageSource:
             labels=None if self.labels is None else self.labels[:count],
         )
 
-
     def label_array(self):
         """Every example's label as int32 `(N,)`; a dataset source is read once for it."""
         if not self.has_labels:
@@ -125,6 +124,18 @@ def stratified_split(source, fraction, seed=0):
         raise DataError(f"{source.description} is too small to hold out {fraction:.0%} for testing.")
     return (source.select(rest, f"{len(rest)} kept for training"),
             source.select(held_out, f"{len(held_out)} held out for testing"))
+
+
+def with_test_split(source, spec, data_dir=None, fraction=0.1, seed=0):
+    """`(train, test)` of a labelled `source` read from `spec`: the dataset's own test
+    split when it has one (fashion_mnist, tfds:NAME), else `fraction` of every class
+    held out."""
+    if spec == "fashion_mnist" or spec.startswith("tfds:") and spec.count(":") == 1:
+        try:
+            return source, load_source(spec, "test", data_dir)
+        except DataError:
+            pass
+    return stratified_split(source, fraction, seed=seed)
 
 
 def read_idx(path):

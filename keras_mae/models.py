@@ -24,6 +24,7 @@ from keras_mae.losses import NORM_PIX_EPSILON, masked_patch_loss, patch_statisti
 from keras_mae.masking import RandomMasking, check_mask_ratio, unshuffle
 from keras_mae.presets import check_preset
 
+
 def token_initializer():
     """A new initializer per weight: one made at import time would draw its seed before
     `keras.utils.set_random_seed`, and processes of one run would start differently."""

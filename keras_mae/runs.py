@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 
+def dataset_slug(spec):
+    """A `--dataset` value as a folder-name part: a folder's own name, `tfds:x` -> `tfds_x`."""
+    return Path(spec).name if os.path.exists(spec) else spec.replace(":", "_")
+
+
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked, with the reason."""
 
