@@ -148,8 +148,13 @@ class PatchEmbedding(keras.layers.Layer):
     def build(self, input_shape):
         self.projection.build(self.patchify.compute_output_shape(input_shape))
 
-    def call(self, images):
-        return self.projection(self.patchify(images))
+    def call(self, images, patch_ids=None):
+        """`patch_ids` `(batch, K)`: embed only those patches (MAE pre-training projects
+        only what the encoder will see, a quarter of the work at mask ratio 0.75)."""
+        patches = self.patchify(images)
+        if patch_ids is not None:
+            patches = ops.take_along_axis(patches, ops.expand_dims(patch_ids, -1), axis=1)
+        return self.projection(patches)
 
     def compute_output_shape(self, input_shape):
         return self.patchify.compute_output_shape(input_shape)[:2] + (self.width,)
@@ -189,8 +194,12 @@ class SinCosPositionEmbedding(keras.layers.Layer):
             name="table",
         )
 
-    def call(self, tokens):
-        return tokens + ops.cast(self.table, tokens.dtype)[None]
+    def call(self, tokens, patch_ids=None):
+        """`patch_ids` `(batch, K)`: which patch each of the K tokens is (all, in order, if None)."""
+        table = ops.cast(self.table, tokens.dtype)
+        if patch_ids is None:
+            return tokens + table[None]
+        return tokens + ops.take(table, patch_ids, axis=0)
 
     def get_config(self):
         return {**super().get_config(), "grid_size": self.grid_size}
@@ -227,6 +236,45 @@ class DropPath(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
+def gelu(x):
+    """Exact (erf) GELU, as the official MAE's `nn.GELU()`.
+
+    Keras' `gelu` on JAX is written with `erfc`, which XLA's CPU compiler expands into
+    several slow passes; `erf` is one cheap polynomial, and the same function. Torch
+    keeps its own fused kernel.
+    """
+    if keras.backend.backend() == "torch":
+        return keras.activations.gelu(x, approximate=False)
+    return 0.5 * x * (1.0 + ops.erf(x * ops.cast(0.7071067811865476, x.dtype)))
+
+
+def _accelerator_present():
+    return any(not device.lower().startswith("cpu") for device in keras.distribution.list_devices())
+
+
+def attention(qkv, fused=None):
+    """Softmax self-attention of packed queries, keys and values `(B, T, 3, heads, head_dim)`
+    -> `(B, T, heads, head_dim)`.
+
+    `fused=True` is `keras.ops.dot_product_attention`, which dispatches to a fused
+    kernel where the backend has one (torch's SDPA, cuDNN flash attention on GPUs);
+    `fused=False` is two batched matmuls around a float32 softmax, heads-major so no
+    matmul needs a transposed copy. XLA on a CPU has no fused kernel, and its generic
+    path materialises broadcast masks; the plain form compiles to fewer, faster ops.
+    `None` picks: fused on torch and on accelerators, plain otherwise. Both give the
+    same result (tested).
+    """
+    if fused is None:
+        fused = keras.backend.backend() == "torch" or _accelerator_present()
+    if fused:
+        return ops.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    query, key, value = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3)  # 3 x (B, H, T, Dh)
+    scale = ops.cast(1.0 / np.sqrt(qkv.shape[-1]), qkv.dtype)
+    logits = ops.matmul(query * scale, ops.swapaxes(key, -1, -2))  # (B, H, T, T)
+    weights = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=-1), value.dtype)
+    return ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
+
+
 @keras.saving.register_keras_serializable(package="keras_mae")
 class MultiHeadSelfAttention(keras.layers.Layer):
     """Self-attention with one fused query-key-value projection.
@@ -234,8 +282,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     `keras.layers.MultiHeadAttention` projects query, key and value with three
     separate kernels and supports cross-attention; a ViT needs only self-attention,
     where one `(width, 3 * width)` matmul is cheaper and maps directly onto the
-    official checkpoints' `qkv` weights. The attention itself is
-    `keras.ops.dot_product_attention`, which uses the backend's fused kernels.
+    official checkpoints' `qkv` weights. The attention itself is `attention`.
 
     Args:
         num_heads: number of attention heads; `width` must divide by it.
@@ -262,8 +309,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         width = x.shape[-1]
         head_dim = width // self.num_heads
         qkv = ops.reshape(self.qkv(x), (ops.shape(x)[0], -1, 3, self.num_heads, head_dim))
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
-        attended = ops.dot_product_attention(query, key, value)
+        attended = attention(qkv)  # (B, T, H, Dh)
         return self.proj(ops.reshape(attended, (ops.shape(x)[0], -1, width)))
 
     def get_config(self):
@@ -309,7 +355,7 @@ class TransformerBlock(keras.layers.Layer):
             epsilon=self.layer_norm_epsilon, dtype=policy, name="norm2"
         )
         self.mlp_hidden = keras.layers.Dense(
-            int(width * self.mlp_ratio), activation="gelu", dtype=policy, name="mlp_hidden"
+            int(width * self.mlp_ratio), dtype=policy, name="mlp_hidden"
         )
         self.mlp_output = keras.layers.Dense(width, dtype=policy, name="mlp_output")
         self.drop_path = DropPath(self.drop_path_rate, seed=self.seed, dtype=policy, name="drop_path")
@@ -319,7 +365,7 @@ class TransformerBlock(keras.layers.Layer):
 
     def call(self, x, training=None):
         x = x + self.drop_path(self.attention(self.norm1(x)), training=training)
-        mlp = self.mlp_output(self.mlp_hidden(self.norm2(x)))
+        mlp = self.mlp_output(gelu(self.mlp_hidden(self.norm2(x))))
         return x + self.drop_path(mlp, training=training)
 
     def get_config(self):
@@ -349,4 +395,6 @@ __all__ = [
     "patch_grid",
     "sincos_position_table",
     "drop_path_rates",
+    "attention",
+    "gelu",
 ]

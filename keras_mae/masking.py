@@ -99,17 +99,23 @@ class RandomMasking(keras.layers.Layer):
         priority = ops.arange(num_blocks, 0, -1, dtype="float32")[None, :, None]
         return ops.max(ops.cast(inside, "float32") * priority, axis=1)
 
-    def call(self, tokens, noise=None):
+    def shuffle(self, batch_size, noise=None):
+        """`(ids_keep, mask, ids_restore)`: the kept patches' indices `(batch, num_keep)`
+        in shuffled order, and `call`'s mask and restore indices, without gathering."""
         if noise is None:
-            noise = self.sample_noise(ops.shape(tokens)[0])
+            noise = self.sample_noise(batch_size)
         elif tuple(noise.shape[1:]) != (self.num_patches,):
             raise ValueError(
                 f"noise must be shaped (batch, {self.num_patches}), got {tuple(noise.shape)}."
             )
         ids_shuffle = ops.argsort(noise, axis=1)
         ids_restore = ops.argsort(ids_shuffle, axis=1)
-        kept = ops.take_along_axis(tokens, ids_shuffle[:, : self.num_keep, None], axis=1)
         mask = ops.cast(ids_restore >= self.num_keep, "float32")
+        return ids_shuffle[:, : self.num_keep], mask, ids_restore
+
+    def call(self, tokens, noise=None):
+        ids_keep, mask, ids_restore = self.shuffle(ops.shape(tokens)[0], noise)
+        kept = ops.take_along_axis(tokens, ops.expand_dims(ids_keep, -1), axis=1)
         return kept, mask, ids_restore
 
     def get_config(self):

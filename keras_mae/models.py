@@ -31,6 +31,30 @@ def token_initializer():
     return keras.initializers.RandomNormal(stddev=0.02)
 
 
+class XLAOnTensorFlow:
+    """Mixin for `keras.Model`s: `compile(jit_compile="auto")` means XLA on TensorFlow too.
+
+    Keras' "auto" leaves TensorFlow without XLA when there is no GPU; for these ViTs
+    XLA is about 1.5x faster on a CPU as well (keras.io sizes, 2 cores: 610 vs 410
+    img/s). Under a several-replica `tf.distribute` strategy, and on torch, "auto" stays
+    Keras' own choice. A saved model compiles again with "auto" on load, so a file saved
+    under one backend gets the loading backend's choice (not torch.compile because XLA
+    was on where it was saved).
+    """
+
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        if jit_compile == "auto" and keras.backend.backend() == "tensorflow":
+            # Not across replicas: XLA cannot reach variables mirrored on other CPU devices.
+            jit_compile = True if self.distribute_strategy.num_replicas_in_sync == 1 else "auto"
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+
+    def compile_from_config(self, config):
+        config = {**keras.saving.deserialize_keras_object(config), "jit_compile": "auto"}
+        self.compile(**config)
+        if self.built and getattr(self, "optimizer", None) is not None:
+            self.optimizer.build(self.trainable_variables)
+
+
 def _check_positive_int(value, name):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
@@ -141,10 +165,12 @@ class MAEEncoder(keras.Model):
                 f"(height, width, channels), got {tuple(shape)}."
             )
 
-    def embed(self, images):
-        """Images `(B, H, W, C)` -> patch tokens with positions `(B, N, D)`."""
+    def embed(self, images, patch_ids=None):
+        """Images `(B, H, W, C)` -> patch tokens with positions `(B, N, D)`, or only the
+        patches `patch_ids` `(B, K)` -> `(B, K, D)`."""
         self.check_images(images.shape)
-        return self.position_embedding(self.patch_embedding(images))
+        tokens = self.patch_embedding(images, patch_ids=patch_ids)
+        return self.position_embedding(tokens, patch_ids=patch_ids)
 
     def encode(self, tokens, training=None):
         """Tokens `(B, T, D)` (any subset of patches) -> `(B, 1 + T, D)`, class token first."""
@@ -290,7 +316,7 @@ class MAEDecoder(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
-class MaskedAutoencoder(keras.Model):
+class MaskedAutoencoder(XLAOnTensorFlow, keras.Model):
     """Masked Autoencoder (He et al., 2021) that pre-trains a ViT with plain `fit`.
 
     `mae(images)` masks each image, encodes the kept patches, decodes every patch and
@@ -417,14 +443,15 @@ class MaskedAutoencoder(keras.Model):
         return cls(**{**config, **overrides})
 
     def call(self, images, noise=None, training=None):
-        tokens = self.encoder.embed(images)  # (B, N, D)
-        kept, mask, ids_restore = self.masking(tokens, noise=noise)  # (B, K, D), (B, N), (B, N)
+        ids_keep, mask, ids_restore = self.masking.shuffle(ops.shape(images)[0], noise)  # (B, K), (B, N), (B, N)
         if self.mask_tokens_in_encoder:
+            tokens = self.encoder.embed(images)  # (B, N, D)
             table = ops.cast(self.encoder.position_embedding.table, tokens.dtype)[None]
             filler = ops.cast(self.encoder_mask_token, tokens.dtype) + table  # (1, N, D)
             tokens = ops.where(ops.expand_dims(mask, -1) > 0, filler, tokens)
             pred = self.decoder(self.encoder.encode(tokens, training=training), training=training)
         else:
+            kept = self.encoder.embed(images, patch_ids=ids_keep)  # (B, K, D), only what is seen
             latent = self.encoder.encode(kept, training=training)  # (B, 1 + K, D)
             pred = self.decoder(latent, ids_restore, training=training)
         return {"pred": pred, "mask": mask, "ids_restore": ids_restore}
