@@ -154,7 +154,7 @@ class PatchEmbedding(keras.layers.Layer):
         patches = self.patchify(images)
         if patch_ids is not None:
             patches = ops.take_along_axis(patches, ops.expand_dims(patch_ids, -1), axis=1)
-        return self.projection(patches)
+        return per_token(self.projection, patches)
 
     def compute_output_shape(self, input_shape):
         return self.patchify.compute_output_shape(input_shape)[:2] + (self.width,)

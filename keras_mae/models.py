@@ -19,6 +19,7 @@ from keras_mae.layers import (
     _pair,
     drop_path_rates,
     patch_grid,
+    per_token,
 )
 from keras_mae.losses import NORM_PIX_EPSILON, masked_patch_loss, patch_statistics
 from keras_mae.masking import RandomMasking, check_mask_ratio, unshuffle
@@ -284,7 +285,7 @@ class MAEDecoder(keras.Model):
 
         Without `ids_restore` the latent must already hold all N patches in image order.
         """
-        x = self.embed(latent)  # (B, 1 + K, Dd)
+        x = per_token(self.embed, latent)  # (B, 1 + K, Dd)
         class_token, patches = x[:, :1], x[:, 1:]
         if ids_restore is not None:
             if not self.use_mask_token:
@@ -297,7 +298,7 @@ class MAEDecoder(keras.Model):
         x = ops.concatenate([class_token, self.position_embedding(patches)], axis=1)
         for block in self.blocks:
             x = block(x, training=training)
-        return self.head(self.norm(x))[:, 1:]  # (B, N, P)
+        return per_token(lambda tokens: self.head(self.norm(tokens)), x)[:, 1:]  # (B, N, P)
 
     def get_config(self):
         return {
