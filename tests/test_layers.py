@@ -1,3 +1,5 @@
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -11,7 +13,10 @@ from keras_mae.layers import (
     SinCosPositionEmbedding,
     TransformerBlock,
     Unpatchify,
+    attention,
+    gelu,
     patch_grid,
+    per_token,
     sincos_position_table,
 )
 
@@ -97,6 +102,40 @@ def test_attention_matches_a_plain_softmax_attention():
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         MultiHeadSelfAttention(num_heads=3)(x)
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim", [(5, 2, 4), (17, 4, 32), (65, 4, 16)])
+def test_fused_and_plain_attention_agree(tokens, heads, head_dim):
+    # The two speed paths `attention` picks between per backend and device give one result.
+    qkv = np.random.default_rng(3).normal(size=(3, tokens, 3, heads, head_dim)).astype("float32")
+    fused, plain = (to_numpy(attention(ops.convert_to_tensor(qkv), fused=f)) for f in (True, False))
+    assert plain.shape == (3, tokens, heads, head_dim)
+    np.testing.assert_allclose(plain, fused, rtol=1e-5, atol=1e-5)
+    half = to_numpy(ops.cast(attention(ops.cast(qkv, "bfloat16"), fused=False), "float32"))
+    np.testing.assert_allclose(half, fused, atol=0.05)
+
+
+def test_gelu_is_the_exact_erf_gelu():
+    x = np.linspace(-6, 6, 241, dtype=np.float32)
+    expected = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(to_numpy(gelu(x)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(gelu(x)), to_numpy(keras.activations.gelu(x, approximate=False)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_matches_applying_a_dense_to_the_sequence():
+    dense = keras.layers.Dense(5)
+    x = np.random.default_rng(4).random((3, 7, 6), dtype=np.float32)
+    np.testing.assert_allclose(to_numpy(per_token(dense, x)), to_numpy(dense(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_only_chosen_patches_equals_gathering_them_afterwards():
+    patches, positions = PatchEmbedding(4, 8), SinCosPositionEmbedding((2, 2))
+    images = np.random.default_rng(5).random((2, 8, 8, 3), dtype=np.float32)
+    ids = np.array([[3, 1], [0, 2]], dtype="int32")
+    everything = to_numpy(positions(patches(images)))
+    chosen = to_numpy(positions(patches(images, patch_ids=ids), patch_ids=ids))
+    np.testing.assert_allclose(chosen, np.take_along_axis(everything, ids[..., None], axis=1), rtol=1e-5, atol=1e-6)
 
 
 def test_drop_path_drops_whole_samples_only_while_training():

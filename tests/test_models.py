@@ -199,3 +199,18 @@ def test_compiled_and_eager_forward_passes_agree():
         outputs.append(wrapper.predict_on_batch([x, n]))
     np.testing.assert_array_equal(outputs[0]["mask"], outputs[1]["mask"])
     np.testing.assert_allclose(outputs[0]["pred"], outputs[1]["pred"], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_jit_compile_is_xla_on_tensorflow_and_keras_choice_elsewhere(tmp_path, images):
+    mae = tiny_mae()
+    mae.compile(optimizer="adamw")
+    assert mae.jit_compile is {"tensorflow": True, "jax": True, "torch": False}[keras.backend.backend()]
+    mae.compile(optimizer="adamw", jit_compile=False)
+    assert mae.jit_compile is False
+    # A saved model compiles again on load with this backend's "auto", and trains.
+    mae.compile(optimizer="adamw", jit_compile="auto")
+    mae.fit(images, epochs=1, batch_size=4, verbose=0)
+    mae.save(tmp_path / "mae.keras")
+    reloaded = keras.saving.load_model(tmp_path / "mae.keras")
+    assert reloaded.optimizer is not None and reloaded.jit_compile is mae.jit_compile
+    reloaded.fit(images, epochs=1, batch_size=4, verbose=0)
