@@ -11,26 +11,37 @@ from keras_mae.classifier import pool_tokens
 
 
 class PooledEncoder(keras.Model):
-    """An encoder followed by pooling, in inference mode: `predict` compiles it."""
+    """An encoder followed by pooling, in inference mode: `predict` compiles it.
+
+    Called on `(images, labels)` it returns `{"features", "labels"}`, the labels passed
+    through, so `predict` reads a labelled dataset once (decoding an image folder twice
+    for features and labels would double the input work).
+    """
 
     def __init__(self, encoder, pooling="avg", **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.pooling = pooling
 
-    def call(self, images):
-        return pool_tokens(self.encoder(images, training=False), self.pooling)
+    def call(self, inputs):
+        if isinstance(inputs, (tuple, list)):
+            images, labels = inputs
+            return {"features": self.call(images), "labels": labels}
+        return pool_tokens(self.encoder(inputs, training=False), self.pooling)
 
 
 def extract_features(encoder, dataset, pooling="avg", verbose=0):
-    """Pooled features and labels of every batch of a `(images, labels)` dataset.
+    """Pooled features and labels of every batch of a `(images, labels)` dataset, in one pass.
 
     Returns `(features (N, D) float32, labels (N,) int)`; one-hot labels are turned
     back into class indices.
     """
-    labels = [batch if batch.ndim == 1 else batch.argmax(-1) for _, batch in dataset.as_numpy_iterator()]
-    features = PooledEncoder(encoder, pooling).predict(dataset.map(lambda images, _: images), verbose=verbose)
-    return features.astype("float32"), np.concatenate(labels)
+    outputs = PooledEncoder(encoder, pooling).predict(
+        dataset.map(lambda images, labels: ((images, labels),)), verbose=verbose
+    )
+    labels = np.asarray(outputs["labels"])
+    labels = labels.argmax(-1) if labels.ndim > 1 else labels
+    return np.asarray(outputs["features"], dtype="float32"), labels.astype("int64")
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, k=20, temperature=0.07,

@@ -1,0 +1,33 @@
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from conftest import random_images, tiny_mae
+from keras_mae.classifier import pool_tokens
+from keras_mae.evaluation import extract_features
+
+
+def test_extract_features_does_not_read_the_dataset_twice_and_keeps_labels_in_order():
+    encoder = tiny_mae().encoder
+    images = random_images(batch=10, seed=3)
+    labels = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    reads = []
+
+    def examples():
+        for image, label in zip(images, labels):
+            reads.append(label)
+            yield image, label
+
+    dataset = tf.data.Dataset.from_generator(
+        examples, output_signature=(tf.TensorSpec((16, 16, 3), tf.float32), tf.TensorSpec((), tf.int64))
+    ).batch(4)
+    features, got = extract_features(encoder, dataset)
+    # One pass (Keras' JAX trainer also peeks at a first batch or two to build the step).
+    assert 10 <= len(reads) < 20
+    np.testing.assert_array_equal(got, labels)
+    expected = ops.convert_to_numpy(pool_tokens(encoder(images, training=False), "avg"))
+    assert features.dtype == np.float32 and features.shape == (10, 16)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+    one_hot = tf.data.Dataset.from_tensor_slices((images, keras.utils.to_categorical(labels, 10))).batch(4)
+    np.testing.assert_array_equal(extract_features(encoder, one_hot)[1], labels)
