@@ -353,4 +353,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from keras_mae.memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # JAX on a CPU: 1.3-1.6x faster steps (see keras_mae/memory.py)
     main()

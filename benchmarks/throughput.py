@@ -189,4 +189,9 @@ def write_json(path, figures):
 
 
 if __name__ == "__main__":
+    os.environ["KERAS_BACKEND"] = parse_args().backend
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from keras_mae.memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # as train.py does
     main()

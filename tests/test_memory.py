@@ -1,0 +1,82 @@
+"""restart_with_huge_pages: a JAX program restarts once, same arguments, with glibc asked for
+transparent huge pages, and its large allocations get them; other programs run on untouched."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keras_mae.memory import transparent_huge_page_mode
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+
+CHILD = f"""
+import ctypes, os, sys
+sys.path.insert(0, {str(REPO)!r})
+print("started", flush=True)
+from keras_mae.memory import restart_with_huge_pages
+restart_with_huge_pages()
+print("arguments", sys.argv[1:])
+print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
+
+def huge_kib():
+    with open("/proc/self/smaps_rollup") as stream:
+        return sum(int(line.split()[1]) for line in stream if line.startswith("AnonHugePages:"))
+
+before = huge_kib()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc({64 * MiB})  # how XLA gets a step's scratch space
+ctypes.memset(block, 1, {64 * MiB})
+print("huge_kib", huge_kib() - before)
+"""
+
+needs_madvise_mode = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or transparent_huge_page_mode() != "madvise",
+    reason=f"the kernel's transparent huge page mode is {transparent_huge_page_mode()!r}, not 'madvise'",
+)
+
+
+def run_child(backend, tunables=None):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
+    run = subprocess.run([sys.executable, "-c", CHILD, "--flag", "a value"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    fields = dict(line.split(" ", 1) for line in lines if line != "started")
+    return lines.count("started"), fields
+
+
+@needs_madvise_mode
+def test_jax_program_restarts_once_with_huge_pages():
+    starts, fields = run_child("jax")
+    assert starts == 2
+    assert fields["arguments"] == "['--flag', 'a value']"
+    assert fields["tunables"] == "glibc.malloc.hugetlb=1"
+    assert int(fields["huge_kib"]) >= 2048  # at least one 2 MiB page behind the 64 MiB block
+
+
+@needs_madvise_mode
+def test_user_tunables_are_kept_and_their_choice_wins():
+    starts, fields = run_child("jax", tunables="glibc.malloc.check=0")
+    assert starts == 2
+    assert fields["tunables"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
+
+    starts, fields = run_child("jax", tunables="glibc.malloc.hugetlb=0")
+    assert starts == 1
+    assert fields["tunables"] == "glibc.malloc.hugetlb=0"
+    assert int(fields["huge_kib"]) == 0  # the control: without the tunable, no huge pages
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+def test_other_backends_run_on_untouched(backend):
+    starts, fields = run_child(backend)
+    assert starts == 1
+    assert fields["tunables"] == ""
+    assert fields["arguments"] == "['--flag', 'a value']"
