@@ -33,17 +33,29 @@ def transparent_huge_page_mode():
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def glibc_has_hugetlb_tunable():
+    """glibc 2.35 introduced `glibc.malloc.hugetlb`; older versions ignore it."""
+    library, version = platform.libc_ver()
+    try:
+        return library == "glibc" and tuple(int(part) for part in version.split(".")[:2]) >= (2, 35)
+    except ValueError:
+        return False
+
+
 def huge_pages_would_help():
     """Whether `restart_with_huge_pages` would restart this process: a JAX program on
-    Linux with glibc, a kernel that gives huge pages only to memory that asks for them
-    ('madvise'; under 'always' everything has them already), and no `glibc.malloc.hugetlb`
-    choice of the user's own in `GLIBC_TUNABLES`."""
+    Linux with glibc 2.35 or later, a kernel that gives huge pages only to memory that asks
+    for them ('madvise'; under 'always' everything has them already), no
+    `glibc.malloc.hugetlb` choice of the user's own in `GLIBC_TUNABLES`, and a program that
+    can be started again (a file, a module or `-c`; not stdin or an interactive session)."""
     return (
         keras.config.backend() == "jax"
         and sys.platform.startswith("linux")
-        and platform.libc_ver()[0] == "glibc"
+        and glibc_has_hugetlb_tunable()
         and transparent_huge_page_mode() == "madvise"
         and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
+        and sys.argv[0] not in ("", "-")
+        and not sys.flags.interactive
     )
 
 

@@ -40,13 +40,14 @@ needs_madvise_mode = pytest.mark.skipif(
 )
 
 
-def run_child(backend, tunables=None):
+def run_child(backend, tunables=None, from_stdin=False):
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
-    run = subprocess.run([sys.executable, "-c", CHILD, "--flag", "a value"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    source = ["-"] if from_stdin else ["-c", CHILD]
+    run = subprocess.run([sys.executable, *source, "--flag", "a value"], env=env, capture_output=True,
+                         text=True, timeout=300, input=CHILD if from_stdin else None)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     fields = dict(line.split(" ", 1) for line in lines if line != "started")
@@ -72,6 +73,14 @@ def test_user_tunables_are_kept_and_their_choice_wins():
     assert starts == 1
     assert fields["tunables"] == "glibc.malloc.hugetlb=0"
     assert int(fields["huge_kib"]) == 0  # the control: without the tunable, no huge pages
+
+
+@needs_madvise_mode
+def test_program_read_from_stdin_is_not_restarted():
+    starts, fields = run_child("jax", from_stdin=True)  # a restart would find stdin empty
+    assert starts == 1
+    assert fields["tunables"] == ""
+    assert fields["arguments"] == "['--flag', 'a value']"
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "torch"])
