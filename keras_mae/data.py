@@ -12,8 +12,10 @@ Sources (`load_source(spec)`):
 Images reach the model as float32 in [0, 1], `(batch, height, width, channels)`.
 """
 
+import contextlib
 import dataclasses
 import gzip
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -393,11 +395,33 @@ def make_pipeline(
         dataset = dataset.shuffle(min(shuffle_buffer, source.num_examples), seed=seed)
     dataset = dataset.batch(batch_size, drop_remainder=training)
     if training and augment is not None:
-        if with_labels:
-            dataset = dataset.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-        else:
-            dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        with quiet_loop_fallback_notices():  # `map` traces `augment` here
+            if with_labels:
+                dataset = dataset.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+            else:
+                dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class _LoopFallbackNotice(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith("Using a while_loop for converting")
+
+
+@contextlib.contextmanager
+def quiet_loop_fallback_notices():
+    """keras-cv's random crop vectorises over the batch with `tf.vectorized_map`, which
+    logs a warning for each op it has to run image by image instead ("Using a while_loop
+    for converting CropAndResize ..."). The result is the same and the pipeline keeps up
+    (benchmarks/pipeline.py), so while it is traced those notices are held back; every
+    other TensorFlow warning still shows."""
+    notice = _LoopFallbackNotice()
+    logger = tf.get_logger()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def crop_and_flip_augmentation(image_size, crop_area=(0.2, 1.0), seed=None):

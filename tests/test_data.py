@@ -1,9 +1,11 @@
 import gzip
+import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -137,6 +139,35 @@ def test_augmentation_keeps_shape_and_range():
     out = np.asarray(augment(images))
     assert out.shape == images.shape and 0.0 <= out.min() and out.max() <= 1.0
     assert not np.allclose(out, images)
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_augmented_pipeline_holds_back_only_the_loop_fallback_notices():
+    def fallback_notices(messages):
+        return [m for m in messages if m.startswith("Using a while_loop for converting")]
+
+    augment = crop_and_flip_augmentation((16, 16), seed=0)
+    records = Records()
+    tf.get_logger().addHandler(records)
+    try:
+        make_pipeline(load_source("synthetic").take(8), (16, 16), 3, 4, augment=augment)
+        in_pipeline = list(records.messages)
+        tf.get_logger().warning("an unrelated TensorFlow warning")
+        tf.function(augment).get_concrete_function(tf.TensorSpec((4, 16, 16, 3), tf.float32))
+    finally:
+        tf.get_logger().removeHandler(records)
+    assert not fallback_notices(in_pipeline)
+    assert fallback_notices(records.messages)  # the control: traced outside the pipeline, they show
+    assert "an unrelated TensorFlow warning" in records.messages
+    assert not tf.get_logger().filters
 
 
 def test_training_pipeline_shuffles_augments_and_drops_the_last_partial_batch():
