@@ -190,6 +190,7 @@ def write_json(path, figures):
 
 if __name__ == "__main__":
     os.environ["KERAS_BACKEND"] = parse_args().backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from keras_mae.memory import restart_with_huge_pages
 
