@@ -15,7 +15,6 @@ Images reach the model as float32 in [0, 1], `(batch, height, width, channels)`.
 import contextlib
 import dataclasses
 import gzip
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -403,11 +402,6 @@ def make_pipeline(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-class _LoopFallbackNotice(logging.Filter):
-    def filter(self, record):
-        return not record.getMessage().startswith("Using a while_loop for converting")
-
-
 @contextlib.contextmanager
 def quiet_loop_fallback_notices():
     """keras-cv's random crop vectorises over the batch with `tf.vectorized_map`, which
@@ -415,13 +409,15 @@ def quiet_loop_fallback_notices():
     for converting CropAndResize ..."). The result is the same and the pipeline keeps up
     (benchmarks/pipeline.py), so while it is traced those notices are held back; every
     other TensorFlow warning still shows."""
-    notice = _LoopFallbackNotice()
+    def not_a_notice(record):
+        return not record.getMessage().startswith("Using a while_loop for converting")
+
     logger = tf.get_logger()
-    logger.addFilter(notice)
+    logger.addFilter(not_a_notice)
     try:
         yield
     finally:
-        logger.removeFilter(notice)
+        logger.removeFilter(not_a_notice)
 
 
 def crop_and_flip_augmentation(image_size, crop_area=(0.2, 1.0), seed=None):
