@@ -163,6 +163,8 @@ def main(argv=None):
 
     from keras_mae.distribute import StrategyError, resolve_cluster, start_multi_process
 
+    if args.steps_per_execution > 1 and keras.backend.backend() == "torch":
+        fail("--steps-per-execution must be 1 with KERAS_BACKEND=torch (Keras' torch trainer runs one step per call).")
     if args.strategy == "multi_process":
         # First, before any computation: JAX's runtime must start before it is used.
         if keras.backend.backend() != "jax":

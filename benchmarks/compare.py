@@ -90,6 +90,9 @@ def main(argv=None):
                         help="keras-mae's dtype policy; mixed_* runs HuggingFace under torch.autocast (default: %(default)s).")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="The device's dense peak TFLOP/s for this dtype; adds model FLOPs utilisation.")
+    parser.add_argument("--steps-per-execution", type=int, default=1,
+                        help="keras-mae training steps fused into one compiled call, on tensorflow and jax; torch runs one "
+                             "(default: %(default)s; see throughput.py --help).")
     parser.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
                         help="keras-mae's train-step compilation (see throughput.py; default: %(default)s).")
     parser.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
@@ -116,7 +119,7 @@ def main(argv=None):
                     figures = Path(tmp) / f"{name}.json"
                     child([sys.executable, str(HERE / "throughput.py"), "--backend", name, "--config", args.config,
                            "--dtype-policy", args.dtype_policy, "--jit-compile", args.jit_compile,
-                           "--json", str(figures), *common])
+                           "--steps-per-execution", str(1 if name == "torch" else args.steps_per_execution), "--json", str(figures), *common])
                     rate = json.loads(figures.read_text())["img_per_s"]
                 rates[name].append(rate)
                 print(f"round {round_index + 1}: {name:<10} {rate:8.2f} img/s", flush=True)

@@ -4,15 +4,16 @@
 # model FLOPs utilisation against PEAK_TFLOPS (an H100's dense bf16 peak is about 800),
 # and the asymmetric encoder's speed-up over the encoder with mask tokens.
 #
-#   PEAK_TFLOPS=800 BATCH=128 bash benchmarks/gpu.sh
+#   PEAK_TFLOPS=800 BATCH=256 SPE=4 bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEAK_TFLOPS=${PEAK_TFLOPS:-800}
-BATCH=${BATCH:-128}
+BATCH=${BATCH:-256}
+SPE=${SPE:-4}  # training steps per compiled call: hides the per-step host work
 STEPS=${STEPS:-20}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 benchmarks/compare.py --config B --backends jax,torch --batch-size "$BATCH" --steps "$STEPS" --warmup 5 \
-    --repeats 1 --dtype-policy mixed_bfloat16 --peak-tflops "$PEAK_TFLOPS"
+    --repeats 1 --dtype-policy mixed_bfloat16 --peak-tflops "$PEAK_TFLOPS" --steps-per-execution "$SPE"
 python3 benchmarks/throughput.py --config B --backend jax --batch-size "$BATCH" --steps "$STEPS" --warmup 5 \
-    --dtype-policy mixed_bfloat16 --compare-mask-tokens --repeats 1
+    --dtype-policy mixed_bfloat16 --compare-mask-tokens --repeats 1 --steps-per-execution "$SPE"

@@ -12,14 +12,21 @@ With `--peak-tflops` (the device's dense peak for the dtype used, e.g. about 800
 H100's bf16) it also prints the model FLOPs utilisation: matrix-multiply FLOPs of the
 model as built (`training_flops`), three times the forward pass per step, over time.
 
+With `--kernel-breakdown` (JAX on a GPU) it then traces two more executions with
+`jax.profiler` and prints where the GPU's time goes: matmuls, attention kernels,
+fused element-wise and reduction kernels, copies, and the costliest kernels.
+
 Last line: `img_per_s=<float>`, or `speedup=<float>` with `--compare-mask-tokens`.
 """
 
 import argparse
+import collections
+import glob
 import json
 import os
 import resource
 import sys
+import tempfile
 import time
 
 
@@ -62,6 +69,47 @@ def training_flops(config, batch_size, mask_tokens_in_encoder=False):
     return 3 * forward * batch_size
 
 
+def kernel_category(name):
+    """Coarse kind of a GPU kernel, from the names cuBLAS, cuDNN and XLA give them."""
+    name = name.lower()
+    kinds = [("attention", ("sdpa", "fmha", "flash", "cudnn")),
+             ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv")),
+             ("copy", ("memcpy", "memset")),
+             ("reduction fusion", ("reduce",)),
+             ("transpose / copy fusion", ("transpose", "copy", "slice"))]
+    return next((kind for kind, marks in kinds if any(mark in name for mark in marks)), "element-wise fusion")
+
+
+def print_kernel_breakdown(trace_dir, steps, top=15):
+    """GPU kernel time per training step from a `jax.profiler` trace, by kind and by kernel."""
+    from jax.profiler import ProfileData
+
+    totals, launches = collections.Counter(), collections.Counter()
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if "XLA" in line.name:  # module and HLO-op summaries, not kernels
+                    continue
+                for event in line.events:
+                    totals[event.name] += event.duration_ns / 1e6 / steps
+                    launches[event.name] += 1 / steps
+    if not totals:
+        print("kernel breakdown: no GPU kernels in the trace (it needs KERAS_BACKEND=jax on a GPU)")
+        return
+    total = sum(totals.values())
+    by_kind = collections.Counter()
+    for name, ms in totals.items():
+        by_kind[kernel_category(name)] += ms
+    print(f"GPU kernel time per step: {total:.2f} ms in {sum(launches.values()):.0f} launches")
+    for kind, ms in by_kind.most_common():
+        print(f"  {kind:<24} {ms:7.2f} ms  {100 * ms / total:5.1f} %")
+    print(f"costliest kernels (ms per step, launches per step):")
+    for name, ms in totals.most_common(top):
+        print(f"  {ms:7.3f} ms  x{launches[name]:<5.1f} {name[:100]}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["tensorflow", "jax", "torch"], default=os.environ.get("KERAS_BACKEND", "tensorflow"),
@@ -90,6 +138,8 @@ def parse_args(argv=None):
                         help="Time the paper's baseline whose encoder runs on all patches with mask tokens.")
     parser.add_argument("--compare-mask-tokens", action="store_true",
                         help="Time both designs, alternating, and print the asymmetric speed-up.")
+    parser.add_argument("--kernel-breakdown", action="store_true",
+                        help="JAX on a GPU: trace two more executions and print GPU kernel time per step by kind.")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating rounds with --compare-mask-tokens (default: %(default)s).")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "steps", "repeats", "steps_per_execution"):
@@ -97,6 +147,8 @@ def parse_args(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be 0 or more")
+    if args.kernel_breakdown and (args.backend != "jax" or args.compare_mask_tokens):
+        parser.error("--kernel-breakdown needs --backend jax and no --compare-mask-tokens")
     return args
 
 
@@ -110,6 +162,8 @@ def main(argv=None):
 
     import keras_mae
 
+    if args.steps_per_execution > 1 and keras.backend.backend() == "torch":
+        sys.exit("error: --steps-per-execution must be 1 with the torch backend (Keras' torch trainer runs one step per call).")
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
     try:
         keras.config.set_dtype_policy(args.dtype_policy)
@@ -149,6 +203,13 @@ def main(argv=None):
                     steps_per_execution=args.steps_per_execution, jit_compile=jit_compile)
         timer = StepTimer()
         mae.fit(SameBatch(), epochs=1, verbose=0, callbacks=[timer])
+        if args.kernel_breakdown:
+            import jax
+
+            with tempfile.TemporaryDirectory() as trace_dir:
+                with jax.profiler.trace(trace_dir):
+                    mae.fit(SameBatch(), epochs=1, verbose=0, steps_per_epoch=2 * args.steps_per_execution)
+                print_kernel_breakdown(trace_dir, steps=2 * args.steps_per_execution)
         return args.batch_size * args.steps * args.steps_per_execution / timer.seconds
 
     name = f"{('config ' + args.config) if args.config else args.preset} {height}x{width} batch {args.batch_size} " \

@@ -57,7 +57,8 @@ def bad_inputs(tmp_path):
         (["--preset", "mae_vit_gigantic"], "Unknown preset 'mae_vit_gigantic'. Valid presets:"),
         (["--dataset", "synthetic", "--batch-size", "4096"], "larger than the 512 training images"),
         (["--dataset", "synthetic", "--strategy", other_backend], f"--strategy {other_backend} needs KERAS_BACKEND"),
-    ]
+    ] + ([(["--dataset", "synthetic", "--steps-per-execution", "2"], "--steps-per-execution must be 1 with KERAS_BACKEND=torch")]
+         if keras.backend.backend() == "torch" else [])
 
 
 def test_bad_input_is_one_clear_line_and_exit_status_2(tmp_path, capsys):
