@@ -105,7 +105,7 @@ def print_kernel_breakdown(trace_dir, steps, top=15):
     print(f"GPU kernel time per step: {total:.2f} ms in {sum(launches.values()):.0f} launches")
     for kind, ms in by_kind.most_common():
         print(f"  {kind:<24} {ms:7.2f} ms  {100 * ms / total:5.1f} %")
-    print(f"costliest kernels (ms per step, launches per step):")
+    print("costliest kernels (ms per step, launches per step):")
     for name, ms in totals.most_common(top):
         print(f"  {ms:7.3f} ms  x{launches[name]:<5.1f} {name[:100]}")
 
