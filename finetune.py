@@ -172,10 +172,11 @@ def main(argv=None):
 
     from keras_mae import MAEEncoder
     from keras_mae.callbacks import RunCheckpoint, write_atomically, write_json
-    from keras_mae.classifier import LayerDecayAdamW, ViTClassifier, load_encoder
+    from keras_mae.classifier import ViTClassifier, load_encoder
     from keras_mae.data import DataError, crop_and_flip_augmentation, make_pipeline
     from keras_mae.evaluation import classification_report, extract_features, knn_accuracy
     from keras_mae.models import MaskedAutoencoder
+    from keras_mae.optimizers import AdamW
     from keras_mae.runs import RunFolderError, dataset_slug, export_saved_model, prepare_run_dir, trim_history
     from keras_mae.visualize import read_history, save_confusion_matrix, save_training_curves
 
@@ -236,8 +237,8 @@ def main(argv=None):
         0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
     )
     decay = args.layer_decay if args.mode != "linear" else 1.0
-    optimizer = LayerDecayAdamW(schedule, classifier.layer_decay_multipliers(decay), weight_decay=weight_decay,
-                                beta_1=0.9, beta_2=0.999)
+    optimizer = AdamW(schedule, classifier.layer_decay_multipliers(decay), weight_decay=weight_decay,
+                      beta_1=0.9, beta_2=0.999)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing)
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
                keras.metrics.TopKCategoricalAccuracy(min(5, num_classes), name="top5_accuracy")]

@@ -177,11 +177,11 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)  # the same initial weights in every process
 
     from keras_mae import MaskedAutoencoder
-    from keras_mae.classifier import NO_WEIGHT_DECAY
     from keras_mae.callbacks import KNNMonitor, ReconstructionLogger, RunCheckpoint, write_atomically, write_json
     from keras_mae.data import (DataError, crop_and_flip_augmentation, image_dataset, load_source, make_pipeline,
                                 with_test_split)
     from keras_mae.distribute import process_index, strategy_scope
+    from keras_mae.optimizers import AdamW
     from keras_mae.presets import check_preset
     from keras_mae.runs import RunFolderError, dataset_slug, export_saved_model, prepare_run_dir, trim_history
     from keras_mae.visualize import read_history, save_loss_curve
@@ -281,8 +281,7 @@ def main(argv=None):
         schedule = keras.optimizers.schedules.CosineDecay(
             0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
         )
-        optimizer = keras.optimizers.AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)
-        optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
+        optimizer = AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)
         mae.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution)
         initial_epoch = 0
         if state is not None:

@@ -199,7 +199,7 @@ def main(argv=None):
     def images_per_second(mask_tokens_in_encoder):
         mae = keras_mae.MaskedAutoencoder(**{**config, "mask_tokens_in_encoder": mask_tokens_in_encoder})
         jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
-        mae.compile(optimizer=keras.optimizers.AdamW(1e-4, beta_2=0.95, weight_decay=0.05),
+        mae.compile(optimizer=keras_mae.AdamW(1e-4, beta_2=0.95, weight_decay=0.05),
                     steps_per_execution=args.steps_per_execution, jit_compile=jit_compile)
         timer = StepTimer()
         mae.fit(SameBatch(), epochs=1, verbose=0, callbacks=[timer])

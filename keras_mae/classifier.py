@@ -1,4 +1,4 @@
-"""Using a pre-trained encoder downstream: `ViTClassifier` and the optimizer that fine-tunes it.
+"""Using a pre-trained encoder downstream: `ViTClassifier`.
 
 The paper's three protocols are three settings of one model:
 
@@ -16,8 +16,6 @@ from keras_mae.models import MAEEncoder, MaskedAutoencoder, XLAOnTensorFlow
 
 POOLINGS = ("avg", "token")
 MODES = ("linear", "partial", "full")
-# Variable names that AdamW leaves alone: biases, norms, tokens, fixed tables.
-NO_WEIGHT_DECAY = ("bias", "gamma", "beta", "class_token", "mask_token", "table")
 
 
 def load_encoder(path):
@@ -181,51 +179,3 @@ class ViTClassifier(XLAOnTensorFlow, keras.Model):
         config = dict(config)
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         return cls(**config)
-
-
-@keras.saving.register_keras_serializable(package="keras_mae")
-class LayerDecayAdamW(keras.optimizers.Adam):
-    """AdamW with a learning-rate multiplier per variable (layer-wise decay).
-
-    Keras optimizers have one learning rate; fine-tuning a pre-trained ViT wants the
-    early blocks to move less than the late ones. The decoupled weight decay step is
-    scaled the same way, as in the official recipe, and skips `no_weight_decay` names.
-
-    Args:
-        learning_rate: the base rate (a float or a schedule), the head's.
-        lr_multipliers: `{variable path: multiplier}`, e.g. from
-            `ViTClassifier.layer_decay_multipliers`; missing paths get 1.
-        weight_decay: decoupled weight decay.
-        no_weight_decay: variable names that are not decayed.
-        **kwargs: Adam's (beta_1, beta_2, epsilon, clipnorm, ...).
-    """
-
-    def __init__(self, learning_rate=0.001, lr_multipliers=None, weight_decay=0.05,
-                 no_weight_decay=NO_WEIGHT_DECAY, name="layer_decay_adamw", **kwargs):
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.lr_multipliers = dict(lr_multipliers or {})
-        self.decoupled_weight_decay = weight_decay
-        self.no_weight_decay = tuple(no_weight_decay)
-
-    def build(self, variables):
-        super().build(variables)
-        # Indexed like the optimizer's own slots: update_step runs on every backend's
-        # variable type (tf.Variable under tf.distribute), which all have an index.
-        self._lr_scales = [float(self.lr_multipliers.get(v.path, 1.0)) for v in variables]
-        self._decayed = [v.name not in self.no_weight_decay for v in variables]
-
-    def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
-        learning_rate = ops.cast(learning_rate, variable.dtype) * self._lr_scales[index]
-        if self.decoupled_weight_decay and self._decayed[index]:
-            variable.assign(variable - variable * (self.decoupled_weight_decay * learning_rate))
-        super().update_step(gradient, variable, learning_rate)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            lr_multipliers=self.lr_multipliers,
-            weight_decay=self.decoupled_weight_decay,
-            no_weight_decay=list(self.no_weight_decay),
-        )
-        return config

@@ -1,0 +1,138 @@
+"""AdamW: Keras' AdamW updates on every backend (torch's fused kernel on torch), the
+per-variable multipliers, the weight-decay exclusions, configs and old saved names."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_mae.optimizers import NO_WEIGHT_DECAY, AdamW
+
+STEPS = 5
+
+
+def layers_variables():
+    """Variables the way models hold them: named by layers, biases and norms among them."""
+    first, norm, second = keras.layers.Dense(6, name="first"), keras.layers.LayerNormalization(name="norm"), \
+        keras.layers.Dense(3, name="second")
+    first.build((None, 5))
+    norm.build((None, 6))
+    second.build((None, 6))
+    return first.weights + norm.weights + second.weights
+
+
+def gradients(variables, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[rng.normal(size=v.shape).astype("float32") for v in variables] for _ in range(STEPS)]
+
+
+def schedule():
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=STEPS, warmup_target=0.05, warmup_steps=2)
+
+
+def run(optimizer, variables, steps):
+    optimizer.build(variables)
+    for grads in steps:
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+    return [keras.ops.convert_to_numpy(v) for v in variables]
+
+
+def reference_adamw(values, steps, learning_rates, multipliers, decayed, beta_1, beta_2, epsilon, weight_decay,
+                    amsgrad):
+    """Keras' AdamW written out in numpy (epsilon added to the uncorrected sqrt(v))."""
+    values = [np.array(v, np.float64) for v in values]
+    m = [np.zeros_like(v) for v in values]
+    v2 = [np.zeros_like(v) for v in values]
+    v_max = [np.zeros_like(v) for v in values]
+    for t, (grads, lr) in enumerate(zip(steps, learning_rates), start=1):
+        for i, g in enumerate(grads):
+            rate = lr * multipliers[i]
+            if decayed[i]:
+                values[i] -= values[i] * weight_decay * rate
+            m[i] = beta_1 * m[i] + (1 - beta_1) * g
+            v2[i] = beta_2 * v2[i] + (1 - beta_2) * g * g
+            v_max[i] = np.maximum(v_max[i], v2[i])
+            second = v_max[i] if amsgrad else v2[i]
+            alpha = rate * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+            values[i] -= alpha * m[i] / (np.sqrt(second) + epsilon)
+    return values
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_multipliers_and_decay_match_the_written_out_update(amsgrad):
+    variables = layers_variables()
+    multipliers = {"first/kernel": 0.25, "first/bias": 0.5, "norm/gamma": 2.0}
+    initial = [keras.ops.convert_to_numpy(v) for v in variables]
+    steps = gradients(variables)
+    optimizer = AdamW(schedule(), multipliers, weight_decay=0.3, beta_2=0.95, epsilon=1e-3, amsgrad=amsgrad)
+    got = run(optimizer, variables, steps)
+    rates = [float(keras.ops.convert_to_numpy(schedule()(step))) for step in range(STEPS)]
+    expected = reference_adamw(
+        initial, steps, rates, [multipliers.get(v.path, 1.0) for v in variables],
+        [v.name not in NO_WEIGHT_DECAY for v in variables], 0.9, 0.95, 1e-3, 0.3, amsgrad,
+    )
+    for variable, value, want, start in zip(variables, got, expected, initial):
+        assert not np.allclose(value, start), variable.path
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=variable.path)
+
+
+@pytest.mark.parametrize("amsgrad, accumulation", [(False, None), (True, None), (False, 2)])
+def test_without_multipliers_it_is_keras_adamw(amsgrad, accumulation):
+    ours, theirs = layers_variables(), layers_variables()
+    for mine, other in zip(ours, theirs):
+        other.assign(mine)
+    steps = gradients(ours, seed=1)
+    keras_adamw = keras.optimizers.AdamW(schedule(), weight_decay=0.1, beta_2=0.95, amsgrad=amsgrad,
+                                         gradient_accumulation_steps=accumulation)
+    keras_adamw.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
+    expected = run(keras_adamw, theirs, steps)
+    got = run(AdamW(schedule(), weight_decay=0.1, beta_2=0.95, amsgrad=amsgrad,
+                    gradient_accumulation_steps=accumulation), ours, steps)
+    for variable, value, want in zip(ours, got, expected):
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=variable.path)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    """With zero gradients Adam does not move a weight: only the decay does."""
+    variables = layers_variables()
+    for variable in variables:
+        variable.assign(keras.ops.ones(variable.shape))
+    zeros = [[np.zeros(v.shape, "float32") for v in variables]]
+    after = run(AdamW(0.1, weight_decay=0.5), variables, zeros)
+    moved = {v.path for v, value in zip(variables, after) if not np.allclose(value, 1.0)}
+    assert moved == {"first/kernel", "second/kernel"}
+    np.testing.assert_allclose(after[0], 1.0 - 0.5 * 0.1, rtol=1e-6)
+
+
+def test_config_round_trip():
+    optimizer = AdamW(schedule(), {"first/kernel": 0.5}, weight_decay=0.02, no_weight_decay=("bias",),
+                      beta_2=0.95, amsgrad=True, clipnorm=1.0)
+    clone = AdamW.from_config(optimizer.get_config())
+    assert clone.get_config() == optimizer.get_config()
+    assert clone.lr_multipliers == {"first/kernel": 0.5} and clone.no_weight_decay == ("bias",)
+
+
+def test_configs_saved_under_the_old_name_still_load():
+    """Fine-tuned models saved before this module existed name `LayerDecayAdamW`."""
+    config = keras.saving.serialize_keras_object(AdamW(1e-3, {"a/kernel": 0.5}, weight_decay=0.01))
+    config.update(module="keras_mae.classifier", class_name="LayerDecayAdamW",
+                  registered_name="keras_mae>LayerDecayAdamW")
+    loaded = keras.saving.deserialize_keras_object(config)
+    assert isinstance(loaded, AdamW) and loaded.lr_multipliers == {"a/kernel": 0.5}
+    assert loaded.decoupled_weight_decay == 0.01
+
+
+def test_compiled_and_eager_training_agree():
+    """fit compiles the update into the step (XLA; torch.compile, which cannot trace the
+    fused kernel, gets the per-variable update): the same weights either way."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(16, 5)).astype("float32"), rng.normal(size=(16, 3)).astype("float32")
+    trained = []
+    for options in (dict(run_eagerly=True), dict(jit_compile=True)):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, name="first"),
+                                  keras.layers.LayerNormalization(name="norm"), keras.layers.Dense(3, name="second")])
+        model.compile(AdamW(schedule(), {"first/kernel": 0.5}, weight_decay=0.1), "mse", **options)
+        model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        trained.append([keras.ops.convert_to_numpy(v) for v in model.weights])
+    for eager, compiled in zip(*trained):
+        np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-6)
