@@ -98,6 +98,7 @@ class Unpatchify(keras.layers.Layer):
         self.patch_size = patch_size
         self._grid = patch_grid(image_size, patch_size)
         self._ph, self._pw = _pair(patch_size, "patch_size")
+        self.built = True  # no weights; MaskedAutoencoder holds it unused until reconstruct()
 
     def call(self, patches):
         grid_h, grid_w = self._grid

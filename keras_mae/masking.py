@@ -60,6 +60,10 @@ class RandomMasking(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.num_keep = max(1, int(self.num_patches * (1 - mask_ratio)))
+        # Stateless but for the seed, and used through its methods rather than called:
+        # an unbuilt layer makes Keras re-trace the whole model before every
+        # train_on_batch / predict (`Trainer._symbolic_build`).
+        self.built = True
 
     def sample_noise(self, batch_size, seed=None):
         """Noise `(batch_size, patches)` for this sampler; `seed` an int or a SeedGenerator."""

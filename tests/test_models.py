@@ -82,6 +82,16 @@ def test_fit_ignores_labels_when_the_data_has_them():
     assert np.isfinite(history.history["loss"][0])
 
 
+def test_one_training_step_builds_every_layer(images):
+    """Keras re-traces the whole model symbolically before every train_on_batch /
+    test_on_batch / evaluate call while any sub-layer is unbuilt (on torch that trace
+    took 3x longer than the step itself)."""
+    mae = tiny_mae()
+    mae.compile(optimizer="adamw")
+    mae.train_on_batch(images)
+    assert [layer.name for layer in mae._flatten_layers() if not layer.built] == []
+
+
 def test_reconstruct_pastes_visible_input_and_predicted_masked_patches(images):
     mae = tiny_mae()
     result = mae.reconstruct(images, seed=3)
