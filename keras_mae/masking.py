@@ -62,7 +62,7 @@ class RandomMasking(keras.layers.Layer):
         self.num_keep = max(1, int(self.num_patches * (1 - mask_ratio)))
         # Stateless but for the seed, and used through its methods rather than called:
         # an unbuilt layer makes Keras re-trace the whole model before every
-        # train_on_batch / predict (`Trainer._symbolic_build`).
+        # train_on_batch / test_on_batch / evaluate (`Trainer._symbolic_build`).
         self.built = True
 
     def sample_noise(self, batch_size, seed=None):
