@@ -10,12 +10,15 @@ Extra install (a benchmark extra, not a runtime dependency):
 
     python benchmarks/compare.py --config T --backends tensorflow,jax,torch --batch-size 256
 
-Last lines: `<backend>_img_per_s=`, `hf_img_per_s=`, `<backend>_vs_hf=` for each backend.
+Before them, each backend's per-round ratios (each keras-mae run against the HuggingFace
+run of the same round) and their median. Last lines: `<backend>_img_per_s=`,
+`hf_img_per_s=`, `<backend>_vs_hf=` (bests) for each backend.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,6 +132,11 @@ def main(argv=None):
         step_flops = training_flops(CONFIGS[args.config], 1)
         for name, rate in best.items():
             print(f"{name}_mfu={step_flops * rate / 1e12 / args.peak_tflops:.3f}")
+    # Each round's ratio compares runs made back to back, so their median is less at the
+    # mercy of one undisturbed round than the ratio of the bests.
+    for name in backends:
+        ratios = sorted(mine / theirs for mine, theirs in zip(rates[name], rates["hf"]))
+        print(f"{name}_vs_hf_per_round={', '.join(f'{r:.3f}' for r in ratios)} (median {statistics.median(ratios):.3f})")
     for name in backends:
         print(f"{name}_img_per_s={best[name]:.2f}")
     print(f"hf_img_per_s={best['hf']:.2f}")
