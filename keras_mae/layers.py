@@ -301,7 +301,10 @@ def attention(qkv, fused=None):
             qkv = ops.pad(qkv, [(0, 0), (0, 1), (0, 0), (0, 0), (0, 0)])
             visible = ops.arange(tokens + 1) < tokens
             mask = ops.broadcast_to(visible[None, None, None, :], (1, 1, tokens + 1, tokens + 1))
-        attended = ops.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask)
+        # One unstack, not three slices: the gradient of a slice is a zero tensor the size
+        # of all of `qkv` with the slice written in, three of them summed (torch).
+        query, key, value = ops.unstack(qkv, 3, axis=2)
+        attended = ops.dot_product_attention(query, key, value, mask=mask)
         return attended[:, :tokens]
     query, key, value = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3)  # 3 x (B, H, T, Dh)
     scale = ops.cast(1.0 / np.sqrt(qkv.shape[-1]), qkv.dtype)
