@@ -253,7 +253,7 @@ if __name__ == "__main__":
     os.environ["KERAS_BACKEND"] = parse_args().backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from keras_mae.memory import restart_with_huge_pages
+    from keras_mae.memory import tune_allocator
 
-    restart_with_huge_pages()  # as train.py does
+    tune_allocator()  # as train.py does
     main()

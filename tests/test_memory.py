@@ -1,7 +1,10 @@
-"""restart_with_huge_pages: a JAX program restarts once, same arguments, with glibc asked for
-transparent huge pages, and its large allocations get them; other programs run on untouched."""
+"""tune_allocator: a JAX program restarts once, same arguments, with glibc asked for
+transparent huge pages, and its large allocations get them; a torch program keeps freed
+memory, so a large block allocated again is not page-faulted in again; a TensorFlow
+program runs on untouched."""
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
 CHILD = f"""
-import ctypes, os, sys
+import ctypes, os, resource, sys
 sys.path.insert(0, {str(REPO)!r})
 print("started", flush=True)
-from keras_mae.memory import restart_with_huge_pages
-restart_with_huge_pages()
+from keras_mae.memory import tune_allocator
+tune_allocator()
 print("arguments", sys.argv[1:])
 print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
 
@@ -32,6 +35,12 @@ libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc({64 * MiB})  # how XLA gets a step's scratch space
 ctypes.memset(block, 1, {64 * MiB})
 print("huge_kib", huge_kib() - before)
+libc.free(ctypes.c_void_p(block))
+
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = libc.malloc({64 * MiB})  # the same size again, as at the next training step
+ctypes.memset(block, 1, {64 * MiB})
+print("reuse_faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 """
 
 needs_madvise_mode = pytest.mark.skipif(
@@ -84,8 +93,25 @@ def test_program_read_from_stdin_is_not_restarted():
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", "torch"])
-def test_other_backends_run_on_untouched(backend):
+def test_other_backends_are_not_restarted(backend):
     starts, fields = run_child(backend)
     assert starts == 1
     assert fields["tunables"] == ""
     assert fields["arguments"] == "['--flag', 'a value']"
+
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+
+
+@glibc
+def test_torch_program_reuses_freed_memory():
+    starts, fields = run_child("torch")
+    assert starts == 1
+    assert int(fields["reuse_faults"]) < 1024  # 64 MiB fresh from the kernel would be 16,384 pages
+
+
+@glibc
+@pytest.mark.skipif(transparent_huge_page_mode() == "always", reason="huge pages everywhere: few faults anyway")
+def test_tensorflow_program_keeps_glibc_defaults():
+    starts, fields = run_child("tensorflow")
+    assert int(fields["reuse_faults"]) >= 8192  # the control: glibc maps a freed 64 MiB block anew
