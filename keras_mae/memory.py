@@ -76,7 +76,8 @@ def restart_with_huge_pages():
     transparent huge pages, when `huge_pages_would_help()`; otherwise returns.
 
     Call it first thing in a script (before any work worth keeping): the process image is
-    replaced. train.py, finetune.py and benchmarks/throughput.py do. To opt out, set
+    replaced. train.py, finetune.py and benchmarks/throughput.py do, through
+    `tune_allocator`. To opt out, set
     `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`.
     """
     if not huge_pages_would_help():
