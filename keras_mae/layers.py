@@ -9,6 +9,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_mae.masking import gather_tokens
+
 
 def _pair(value, name):
     """Reads an int or an (height, width) pair as a tuple of two positive ints."""
@@ -154,7 +156,7 @@ class PatchEmbedding(keras.layers.Layer):
         only what the encoder will see, a quarter of the work at mask ratio 0.75)."""
         patches = self.patchify(images)
         if patch_ids is not None:
-            patches = ops.take_along_axis(patches, ops.expand_dims(patch_ids, -1), axis=1)
+            patches = gather_tokens(patches, patch_ids)
         return per_token(self.projection, patches)
 
     def compute_output_shape(self, input_shape):

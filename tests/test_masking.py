@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_mae.masking import MASK_SAMPLINGS, RandomMasking, unshuffle
+from keras_mae.masking import MASK_SAMPLINGS, RandomMasking, gather_tokens, unshuffle
 
 
 def tokens(batch=6, grid=(4, 4), width=3):
@@ -42,6 +42,14 @@ def test_unshuffle_inverts_the_shuffle():
     _, _, ids_restore = layer(x, noise=noise)
     shuffled = np.take_along_axis(x, np.argsort(noise, axis=1)[..., None], axis=1)
     np.testing.assert_array_equal(ops.convert_to_numpy(unshuffle(shuffled, ids_restore)), x)
+
+
+def test_gather_tokens_takes_each_samples_own_rows():
+    rng = np.random.default_rng(0)
+    tokens = rng.random((3, 7, 5)).astype("float32")
+    ids = rng.integers(0, 7, size=(3, 4)).astype("int32")  # repeats allowed
+    got = ops.convert_to_numpy(gather_tokens(ops.convert_to_tensor(tokens), ops.convert_to_tensor(ids)))
+    np.testing.assert_array_equal(got, np.take_along_axis(tokens, ids[..., None], axis=1))
 
 
 def test_lowest_noise_is_kept():
