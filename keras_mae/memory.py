@@ -119,8 +119,15 @@ def tune_allocator():
     """The allocator setting that speeds up this backend's training steps on a CPU:
     torch keeps freed memory (`keep_freed_memory`); JAX restarts with huge pages
     (`restart_with_huge_pages`, which replaces the process: call this first thing);
-    TensorFlow runs as it is."""
-    if keras.config.backend() == "torch":
+    TensorFlow runs as it is.
+
+    A choice of your own in `GLIBC_TUNABLES` wins: `glibc.malloc.mmap_max=65536` (glibc's
+    default) keeps torch on plain malloc, `glibc.malloc.hugetlb=0` JAX.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if keras.config.backend() == "torch" and not any(
+        name in tunables for name in ("glibc.malloc.mmap_max", "glibc.malloc.trim_threshold")
+    ):
         keep_freed_memory()
     restart_with_huge_pages()
 

@@ -112,6 +112,7 @@ def test_torch_program_reuses_freed_memory():
 
 @glibc
 @pytest.mark.skipif(transparent_huge_page_mode() == "always", reason="huge pages everywhere: few faults anyway")
-def test_tensorflow_program_keeps_glibc_defaults():
-    starts, fields = run_child("tensorflow")
+@pytest.mark.parametrize("backend, tunables", [("tensorflow", None), ("torch", "glibc.malloc.mmap_max=65536")])
+def test_tensorflow_and_opted_out_torch_keep_glibc_defaults(backend, tunables):
+    starts, fields = run_child(backend, tunables=tunables)
     assert int(fields["reuse_faults"]) >= 8192  # the control: glibc maps a freed 64 MiB block anew
