@@ -11,6 +11,7 @@ import numpy as np
 from keras import ops
 
 from keras_mae.layers import (
+    Dense,
     Patchify,
     PatchEmbedding,
     SinCosPositionEmbedding,
@@ -251,7 +252,7 @@ class MAEDecoder(keras.Model):
         self.grid_size = patch_grid(image_size, patch_size)
         ph, pw = _pair(patch_size, "patch_size")
         policy = self.dtype_policy
-        self.embed = keras.layers.Dense(width, dtype=policy, name="embed")
+        self.embed = Dense(width, dtype=policy, name="embed")
         self.position_embedding = SinCosPositionEmbedding(
             self.grid_size, dtype=policy, name="position_embedding"
         )
@@ -259,7 +260,7 @@ class MAEDecoder(keras.Model):
         self.norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=policy, name="norm"
         )
-        self.head = keras.layers.Dense(ph * pw * num_channels, dtype=policy, name="head")
+        self.head = Dense(ph * pw * num_channels, dtype=policy, name="head")
         self.build((None, None, input_width))
 
     @property

@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 from keras_mae.layers import (
+    Dense,
     DropPath,
     MultiHeadSelfAttention,
     PatchEmbedding,
@@ -197,6 +198,7 @@ def test_transformer_block_is_residual_pre_norm():
 
 
 LAYER_CASES = [
+    (lambda: Dense(6, activation="relu", use_bias=False), (2, 4, 8)),
     (lambda: Patchify((2, 4)), (2, 8, 8, 3)),
     (lambda: Unpatchify((8, 8), (2, 4)), (2, 8, 24)),
     (lambda: PatchEmbedding(4, 8), (2, 8, 8, 3)),
