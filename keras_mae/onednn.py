@@ -1,13 +1,14 @@
 """float32 matmuls of the torch backend through oneDNN on CPUs where MKL is slow.
 
-PyTorch multiplies float32 matrices on a CPU with Intel's MKL, which is tuned for Intel's
-CPUs: on this project's AMD EPYC (Zen 5, 2 cores) its `sgemm` reached 190-225 GFLOP/s for
-the ViT's projection shapes (the same with `MKL_CBWR` / `MKL_ENABLE_INSTRUCTIONS`), while oneDNN, the other matrix library in every x86 build of
-torch (torch's own bf16 matmuls and its compiler's CPU kernels use it), reached 365-465
-on the same shapes. `keras_mae.layers.Dense` therefore sends its
-float32 matmul, forward and backward, through `torch.ops.mkldnn._linear_pointwise` on
-x86 CPUs that are not Intel's, and keeps torch's default everywhere else (Intel CPUs,
-where MKL is at home; GPUs; other backends; bf16, which torch already gives oneDNN;
+PyTorch multiplies float32 matrices on a CPU with Intel's MKL, which is tuned for
+Intel's CPUs: on this project's AMD EPYC (Zen 5, 2 cores) its `sgemm` reached 190-225
+GFLOP/s for the ViT's projection shapes (the same with `MKL_CBWR` or
+`MKL_ENABLE_INSTRUCTIONS` set), while oneDNN, the other matrix library in every x86
+build of torch (torch's own bf16 matmuls and its compiler's CPU kernels use it), reached
+365-465 on the same shapes. `keras_mae.layers.Dense` therefore sends its float32
+matmul, forward and backward, through `torch.ops.mkldnn._linear_pointwise` on x86 CPUs
+that are not Intel's, and keeps torch's default everywhere else (Intel CPUs, where MKL
+is at home; GPUs; other backends; bf16, which torch already gives oneDNN;
 `torch.compile`, which picks its own kernels).
 
 `KERAS_MAE_ONEDNN_LINEAR=1` forces oneDNN on (to try it on an Intel CPU), `=0` off.

@@ -33,11 +33,18 @@ def needs_onednn():
 
 
 @pytest.mark.parametrize(
-    "input_shape,units,bias,kernel_grad",
-    [((37, 24), 8, True, True), ((37, 8), 24, True, True), ((2, 5, 8), 12, False, True), ((37, 24), 8, True, False)],
+    "input_shape,units,bias,kernel_grad,expanded_grad",
+    [
+        ((37, 24), 8, True, True, False),
+        ((37, 8), 24, True, True, False),
+        ((2, 5, 8), 12, False, True, False),
+        ((37, 24), 8, True, False, False),
+        ((37, 24), 8, True, True, True),
+    ],
 )
-def test_linear_matches_torch_in_outputs_and_gradients(input_shape, units, bias, kernel_grad):
-    """Both weight-gradient layouts (tall and wide kernels), N-D inputs, no bias, a frozen kernel."""
+def test_linear_matches_torch_in_outputs_and_gradients(input_shape, units, bias, kernel_grad, expanded_grad):
+    """Both weight-gradient layouts (tall and wide kernels), N-D inputs, no bias, a frozen
+    kernel, and the stride-0 gradient that `y.sum()` sends back."""
     needs_onednn()
     import torch
 
@@ -46,6 +53,8 @@ def test_linear_matches_torch_in_outputs_and_gradients(input_shape, units, bias,
     kernel = torch.randn(input_shape[-1], units, generator=generator, requires_grad=kernel_grad)
     b = torch.randn(units, generator=generator, requires_grad=True) if bias else None
     upstream = torch.randn(*input_shape[:-1], units, generator=generator)
+    if expanded_grad:
+        upstream = torch.tensor(1.5).expand(upstream.shape)
     tensors = [t for t in (x, kernel, b) if t is not None and t.requires_grad]
 
     def outputs_and_grads(function):
