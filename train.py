@@ -69,10 +69,10 @@ def build_parser():
                        help="Linear warm-up before the cosine decay (default: %(default)s).")
     train.add_argument("--dtype-policy", choices=["float32", "mixed_bfloat16", "mixed_float16"], default="float32",
                        help="Keras dtype policy: mixed_bfloat16 (GPUs/TPUs since Ampere) or mixed_float16 "
-                            "(older GPUs, with loss scaling) halve activation memory. On CPUs without AMX float32 was "
-                            "the faster policy in this project's measurements (torch on an AMD EPYC Zen 5, ViT-Tiny "
-                            "size: bf16 0.86x); CPUs differ: time yours with benchmarks/throughput.py "
-                            "--dtype-policy (default: %(default)s).")
+                            "(older GPUs, with loss scaling) halve activation memory. On a CPU it depends on the CPU: "
+                            "torch at ViT-Tiny size trained 1.24x faster in bf16 on an AMD EPYC Zen 4 but 0.86x on a "
+                            "Zen 5, and XLA (TensorFlow, JAX) was slower in bf16 on Zen 4; time yours with "
+                            "benchmarks/throughput.py --dtype-policy (default: %(default)s).")
     train.add_argument("--steps-per-execution", type=int, default=1,
                        help="Training steps run per compiled call: fewer Python round trips for small "
                             "models on fast devices (default: %(default)s).")
