@@ -12,6 +12,10 @@ and then works through a TLB that covers little of it. With glibc asked to back 
 blocks with transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), the same
 steps ran 1.3x (K) to 1.6x (T) faster. glibc reads its tunables once, when a program
 starts, hence a restart rather than a setting (`restart_with_huge_pages`).
+`keep_freed_memory` cannot help here: XLA allocates that block on its own thread, from
+one of glibc's per-thread arenas, and those map any block larger than their 64 MiB heaps
+whatever `M_MMAP_MAX` says. A single arena (`glibc.malloc.arena_max=1`) does keep it,
+but measured no faster on the Intel Xeon (README, Speed).
 
 torch: eager PyTorch allocates every activation and gradient with `malloc` and frees it
 when its last reference goes. glibc serves blocks of 32 MiB and more (a decoder MLP's
