@@ -197,6 +197,17 @@ def test_transformer_block_is_residual_pre_norm():
     np.testing.assert_allclose(to_numpy(block(x)), x, rtol=1e-6)
 
 
+def test_transformer_block_drops_its_branches_only_at_a_nonzero_rate_while_training():
+    x = np.random.default_rng(6).random((64, 5, 8), dtype=np.float32)
+    plain = TransformerBlock(num_heads=2, drop_path_rate=0.0)
+    np.testing.assert_array_equal(to_numpy(plain(x, training=True)), to_numpy(plain(x, training=False)))
+    block = TransformerBlock(num_heads=2, drop_path_rate=0.9, seed=1)
+    # A sample whose two branches are both dropped (p = 0.81) comes out unchanged.
+    unchanged = np.all(to_numpy(block(x, training=True)) == x, axis=(1, 2))
+    assert 0.6 < unchanged.mean() < 0.97
+    assert not np.any(np.all(to_numpy(block(x, training=False)) == x, axis=(1, 2)))
+
+
 LAYER_CASES = [
     (lambda: Dense(6, activation="relu", use_bias=False), (2, 4, 8)),
     (lambda: Patchify((2, 4)), (2, 8, 8, 3)),
