@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_mae import onednn
 from keras_mae.masking import gather_tokens
+from keras_mae.torch_compile import compiling, uniform
 
 
 def _pair(value, name):
@@ -250,7 +251,7 @@ class DropPath(keras.layers.Layer):
             return x
         keep = 1.0 - self.rate
         shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
-        draw = keras.random.uniform(shape, dtype=x.dtype, seed=self.seed_generator)
+        draw = uniform(shape, self.seed_generator, dtype=x.dtype)
         return x * ops.floor(keep + draw) / keep
 
     def get_config(self):
@@ -324,7 +325,10 @@ def attention(qkv, fused=None):
         # One unstack, not three slices: the gradient of a slice is a zero tensor the size
         # of all of `qkv` with the slice written in, three of them summed (torch).
         query, key, value = ops.unstack(qkv, 3, axis=2)
-        attended = ops.dot_product_attention(query, key, value, mask=mask)
+        # Keras' torch check for flash attention builds an object torch.compile cannot
+        # trace; when compiling, torch's own kernel choice inside SDPA decides instead.
+        flash = False if compiling() else None
+        attended = ops.dot_product_attention(query, key, value, mask=mask, flash_attention=flash)
         return attended[:, :tokens]
     query, key, value = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3)  # 3 x (B, H, T, Dh)
     scale = ops.cast(1.0 / np.sqrt(qkv.shape[-1]), qkv.dtype)

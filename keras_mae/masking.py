@@ -14,8 +14,9 @@ same noise gives the same mask everywhere). The samplers differ only in the nois
 import math
 
 import keras
-import numpy as np
 from keras import ops
+
+from keras_mae.torch_compile import uniform
 
 MASK_SAMPLINGS = ("random", "block", "grid")
 
@@ -69,10 +70,11 @@ class RandomMasking(keras.layers.Layer):
         """Noise `(batch_size, patches)` for this sampler; `seed` an int or a SeedGenerator."""
         seed = self.seed_generator if seed is None else seed
         shape = (batch_size, self.num_patches)
-        jitter = keras.random.uniform(shape, seed=seed)
+        jitter = uniform(shape, seed)
         if self.mask_sampling == "random":
             return jitter
-        rows, cols = (ops.convert_to_tensor(a.reshape(-1), "int32") for a in np.indices(self.grid_size))
+        patch = ops.arange(self.num_patches, dtype="int32")  # row-major, as Patchify
+        rows, cols = patch // self.grid_size[1], patch % self.grid_size[1]
         if self.mask_sampling == "grid":
             return jitter + 1.0 - self._grid_points(batch_size, rows, cols, seed)
         return jitter + self._block_priority(batch_size, rows, cols, seed)
@@ -80,7 +82,7 @@ class RandomMasking(keras.layers.Layer):
     def _grid_points(self, batch_size, rows, cols, seed):
         """1.0 where a patch lies on this sample's regular grid, else 0.0."""
         step = max(1, round(math.sqrt(1 / (1 - self.mask_ratio))))
-        offsets = keras.random.randint((batch_size, 2), 0, step, seed=seed)
+        offsets = ops.cast(ops.floor(uniform((batch_size, 2), seed, 0, step)), "int32")
         on_rows = ops.mod(rows[None] + step - offsets[:, :1], step) == 0
         on_cols = ops.mod(cols[None] + step - offsets[:, 1:], step) == 0
         return ops.cast(ops.logical_and(on_rows, on_cols), "float32")
@@ -91,17 +93,18 @@ class RandomMasking(keras.layers.Layer):
         shape = (batch_size, num_blocks, 1)
         min_area = max(1.0, 0.08 * self.num_patches)  # BEiT: 16 of 196 patches
         max_area = max(min_area, self.mask_ratio * self.num_patches)
-        area = keras.random.uniform(shape, min_area, max_area, seed=seed)
-        log_aspect = keras.random.uniform(shape, math.log(0.3), -math.log(0.3), seed=seed)
+        area = uniform(shape, seed, min_area, max_area)
+        log_aspect = uniform(shape, seed, math.log(0.3), -math.log(0.3))
         height = ops.clip(ops.round(ops.sqrt(area * ops.exp(log_aspect))), 1, grid_h)
         width = ops.clip(ops.round(ops.sqrt(area * ops.exp(-log_aspect))), 1, grid_w)
-        top = ops.floor(keras.random.uniform(shape, seed=seed) * (grid_h - height + 1))
-        left = ops.floor(keras.random.uniform(shape, seed=seed) * (grid_w - width + 1))
+        top = ops.floor(uniform(shape, seed) * (grid_h - height + 1))
+        left = ops.floor(uniform(shape, seed) * (grid_w - width + 1))
         rows = ops.cast(rows, "float32")[None, None]
         cols = ops.cast(cols, "float32")[None, None]
         inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
         priority = ops.arange(num_blocks, 0, -1, dtype="float32")[None, :, None]
-        return ops.max(ops.cast(inside, "float32") * priority, axis=1)
+        # amax, not max: torch.compile cannot trace Keras' torch max over an axis.
+        return ops.amax(ops.cast(inside, "float32") * priority, axis=1)
 
     def shuffle(self, batch_size, noise=None):
         """`(ids_keep, mask, ids_restore)`: the kept patches' indices `(batch, num_keep)`

@@ -21,6 +21,8 @@ import platform
 
 import keras
 
+from keras_mae import torch_compile
+
 ENV_VARIABLE = "KERAS_MAE_ONEDNN_LINEAR"
 
 
@@ -58,7 +60,9 @@ def onednn_linear_enabled():
 
 def onednn_linear_applies(inputs, kernel):
     """Whether `linear` should compute `inputs @ kernel` (torch tensors)."""
-    if not onednn_linear_enabled():
+    # Under torch.compile first: inductor lowers the op only for frozen weights, and
+    # the checks below would break the graph (dynamo does not trace mkldnn.is_available).
+    if torch_compile.compiling() or not onednn_linear_enabled():
         return False
     import torch
 
@@ -66,7 +70,6 @@ def onednn_linear_applies(inputs, kernel):
         inputs.device.type == "cpu"
         and inputs.dtype == kernel.dtype == torch.float32
         and inputs.ndim >= 2
-        and not torch.compiler.is_compiling()  # inductor lowers the op only for frozen weights
     )
 
 
