@@ -76,6 +76,12 @@ def build_parser():
     train.add_argument("--steps-per-execution", type=int, default=1,
                        help="Training steps run per compiled call: fewer Python round trips for small "
                             "models on fast devices (default: %(default)s).")
+    train.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
+                       help="Compile the training step: auto = XLA on TensorFlow (one replica) and JAX, eager "
+                            "PyTorch; true on torch = torch.compile, one graph per step instead of a Python call "
+                            "per layer and op, after minutes of compiling at the start (ViT-B's configuration "
+                            "at width 96 on 2 CPU cores: 84 -> 39 ms per step); false = eager everywhere, "
+                            "for debugging (default: %(default)s).")
     train.add_argument("--seed", type=int, default=0, help="Seed of masking, shuffling and augmentation.")
     train.add_argument("--strategy", choices=["auto", "none", "mirrored", "data_parallel", "multi_process",
                                               "multi_worker"], default="auto",
@@ -210,6 +216,9 @@ def main(argv=None):
         scope, strategy_text, replicas = strategy_scope(args.strategy, args.batch_size)
     except StrategyError as error:
         fail(str(error))
+    if args.jit_compile == "true" and keras.backend.backend() == "tensorflow" and replicas > 1:
+        fail("--jit-compile true does not work with several TensorFlow replicas (XLA cannot reach the mirrored "
+             "variables); use --jit-compile auto.")
     chief = process_index() == 0
     try:
         default = Path("saved_models") / f"{args.preset}_{dataset_slug(args.dataset)}"
@@ -284,7 +293,8 @@ def main(argv=None):
             0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
         )
         optimizer = AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)
-        mae.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution)
+        jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+        mae.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution, jit_compile=jit_compile)
         initial_epoch = 0
         if state is not None:
             mae.optimizer.build(mae.trainable_variables)

@@ -121,6 +121,16 @@ def test_two_devices_on_this_cpu(tmp_path):
     assert (tmp_path / "run" / "mae.keras").is_file()
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute's mirrored variables")
+def test_jit_compile_true_with_several_tensorflow_replicas_is_a_clear_error(tmp_path):
+    process = train_process(*QUICK, "--dataset", "synthetic", "--strategy", "mirrored", "--cpu-devices", "2",
+                            "--jit-compile", "true", "--output-dir", str(tmp_path / "run"))
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 2
+    assert output.splitlines()[-1].startswith("train.py: error: --jit-compile true does not work with several")
+    assert not (tmp_path / "run").exists()
+
+
 def test_killed_mid_run_then_resumed_ends_with_every_epoch_once(tmp_path):
     run_dir = tmp_path / "run"
     argv = [*QUICK, "--dataset", "synthetic", "--epochs", "5", "--output-dir", str(run_dir)]
