@@ -15,5 +15,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 benchmarks/compare.py --config B --backends jax,torch --batch-size "$BATCH" --steps "$STEPS" --warmup 5 \
     --repeats 1 --dtype-policy mixed_bfloat16 --peak-tflops "$PEAK_TFLOPS" --steps-per-execution "$SPE"
+# The torch backend with its step compiled by torch.compile (eager, it is bound by Python on a GPU).
+python3 benchmarks/throughput.py --config B --backend torch --batch-size "$BATCH" --steps "$STEPS" --warmup 5 \
+    --dtype-policy mixed_bfloat16 --jit-compile true --peak-tflops "$PEAK_TFLOPS"
 python3 benchmarks/throughput.py --config B --backend jax --batch-size "$BATCH" --steps "$STEPS" --warmup 5 \
     --dtype-policy mixed_bfloat16 --compare-mask-tokens --repeats 1 --steps-per-execution "$SPE"
