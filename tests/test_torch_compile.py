@@ -35,7 +35,7 @@ def test_uniform_draws_from_torchs_generator_while_compiling():
     torch.testing.assert_close(first, again, rtol=0, atol=0)  # seeded by torch's generator
 
 
-def graph_breaks(function, *args):
+def graphs_and_breaks(function, *args):
     import torch
 
     torch._dynamo.reset()
@@ -53,7 +53,7 @@ def test_the_training_forward_pass_is_one_graph(mask_sampling, mask_tokens_in_en
     mae = tiny_mae(mask_sampling=mask_sampling, mask_tokens_in_encoder=mask_tokens_in_encoder, drop_path_rate=0.1)
     images = torch.as_tensor(random_images())
     mae(images, training=True)  # built and called once, as fit does before compiling
-    assert graph_breaks(lambda x: mae(x, training=True), images) == (1, 0)
+    assert graphs_and_breaks(lambda x: mae(x, training=True), images) == (1, 0)
 
 
 @torch_only
@@ -63,7 +63,7 @@ def test_the_fine_tuning_forward_pass_is_one_graph():
     classifier = keras_mae.ViTClassifier(tiny_mae(drop_path_rate=0.1).encoder, num_classes=3, dropout_rate=0.2)
     images = torch.as_tensor(random_images())
     classifier(images, training=True)
-    assert graph_breaks(lambda x: classifier(x, training=True), images) == (1, 0)
+    assert graphs_and_breaks(lambda x: classifier(x, training=True), images) == (1, 0)
 
 
 @torch_only
