@@ -4,9 +4,10 @@
 `torch.compile`. Anything its tracer (dynamo) cannot follow inside a layer's call
 breaks the graph there, and a break inside Keras' `Layer.__call__` (a name scope
 that cannot be split) drops that whole frame, the model's call included, back to eager
-Python, layer by layer. The one such thing in an MAE step is Keras' torch random ops:
-each builds a `torch.Generator` from the `SeedGenerator`'s state, which dynamo cannot
-trace. So while torch compiles, `uniform` draws from torch's own generator instead,
+Python, layer by layer. `compiling` lets such checks step aside (the oneDNN matmul,
+Keras' flash-attention test); `uniform` replaces Keras' torch random ops, each of which
+builds a `torch.Generator` from the `SeedGenerator`'s state, which dynamo cannot trace:
+while torch compiles, it draws from torch's own generator instead,
 as Keras' torch `Dropout` does when it has no seed (seeded by
 `keras.utils.set_random_seed`); eager steps and the other backends keep
 `keras.random` with the layer's `SeedGenerator`.
