@@ -176,7 +176,7 @@ def main(argv=None):
     from keras_mae.data import DataError, crop_and_flip_augmentation, make_pipeline
     from keras_mae.evaluation import classification_report, extract_features, knn_accuracy
     from keras_mae.models import MaskedAutoencoder
-    from keras_mae.optimizers import AdamW
+    from keras_mae.optimizers import AdamW, WarmupCosineDecay
     from keras_mae.runs import RunFolderError, dataset_slug, export_saved_model, prepare_run_dir, trim_history
     from keras_mae.visualize import read_history, save_confusion_matrix, save_training_curves
 
@@ -233,7 +233,7 @@ def main(argv=None):
     steps_per_epoch = train_source.num_examples // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = min(int(args.warmup_epochs * steps_per_epoch), total_steps - 1)
-    schedule = keras.optimizers.schedules.CosineDecay(
+    schedule = WarmupCosineDecay(
         0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
     )
     decay = args.layer_decay if args.mode != "linear" else 1.0

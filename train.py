@@ -189,7 +189,7 @@ def main(argv=None):
     from keras_mae.data import (DataError, crop_and_flip_augmentation, image_dataset, load_source, make_pipeline,
                                 with_test_split)
     from keras_mae.distribute import process_index, strategy_scope
-    from keras_mae.optimizers import AdamW
+    from keras_mae.optimizers import AdamW, WarmupCosineDecay
     from keras_mae.presets import check_preset
     from keras_mae.runs import RunFolderError, dataset_slug, export_saved_model, prepare_run_dir, trim_history
     from keras_mae.visualize import read_history, save_loss_curve
@@ -289,7 +289,7 @@ def main(argv=None):
     keras.config.set_dtype_policy(args.dtype_policy)
     with scope:
         mae = MaskedAutoencoder(**model_config)
-        schedule = keras.optimizers.schedules.CosineDecay(
+        schedule = WarmupCosineDecay(
             0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
         )
         optimizer = AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)

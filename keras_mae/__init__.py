@@ -16,7 +16,7 @@ from keras_mae.losses import masked_patch_loss, normalize_patches
 from keras_mae.classifier import ViTClassifier
 from keras_mae.masking import MASK_SAMPLINGS, RandomMasking
 from keras_mae.models import MAEDecoder, MAEEncoder, MaskedAutoencoder
-from keras_mae.optimizers import AdamW
+from keras_mae.optimizers import AdamW, WarmupCosineDecay
 from keras_mae.presets import list_presets
 
 __version__ = "0.1.0"

@@ -1,11 +1,12 @@
 """AdamW: Keras' AdamW updates on every backend (torch's fused kernel on torch), the
-per-variable multipliers, the weight-decay exclusions, configs and old saved names."""
+per-variable multipliers, the weight-decay exclusions, configs and old saved names;
+WarmupCosineDecay: Keras' CosineDecay rates without its branch."""
 
 import keras
 import numpy as np
 import pytest
 
-from keras_mae.optimizers import NO_WEIGHT_DECAY, AdamW
+from keras_mae.optimizers import NO_WEIGHT_DECAY, AdamW, WarmupCosineDecay
 
 STEPS = 5
 
@@ -26,7 +27,7 @@ def gradients(variables, seed=0):
 
 
 def schedule():
-    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=STEPS, warmup_target=0.05, warmup_steps=2)
+    return WarmupCosineDecay(0.0, decay_steps=STEPS, warmup_target=0.05, warmup_steps=2)
 
 
 def run(optimizer, variables, steps):
@@ -136,3 +137,28 @@ def test_compiled_and_eager_training_agree():
         trained.append([keras.ops.convert_to_numpy(v) for v in model.weights])
     for eager, compiled in zip(*trained):
         np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    dict(initial_learning_rate=0.0, decay_steps=7, warmup_target=0.05, warmup_steps=3),
+    dict(initial_learning_rate=1e-4, decay_steps=5, warmup_target=2e-3, warmup_steps=1, alpha=0.1),
+    dict(initial_learning_rate=0.0, decay_steps=4, warmup_target=0.01, warmup_steps=0),
+    dict(initial_learning_rate=0.02, decay_steps=6),
+])
+def test_warmup_cosine_decay_gives_keras_rates(options):
+    """Every step of warm-up, decay and past the end (where the rate stays at its floor)."""
+    ours, keras_schedule = WarmupCosineDecay(**options), keras.optimizers.schedules.CosineDecay(**options)
+    steps = range(options.get("warmup_steps", 0) + options["decay_steps"] + 3)
+    rates = [[float(keras.ops.convert_to_numpy(s(keras.ops.convert_to_tensor(step, "int64")))) for step in steps]
+             for s in (ours, keras_schedule)]
+    np.testing.assert_allclose(*rates, rtol=1e-6, atol=1e-9)
+    if options.get("warmup_steps"):
+        assert rates[0][options["warmup_steps"]] == pytest.approx(options["warmup_target"])
+
+
+def test_warmup_cosine_decay_config_round_trip():
+    schedule_ = WarmupCosineDecay(1e-4, decay_steps=9, alpha=0.1, warmup_target=1e-3, warmup_steps=2, name="lr")
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule_))
+    assert isinstance(clone, WarmupCosineDecay) and clone.get_config() == schedule_.get_config()
+    for step in (0, 1, 5, 20):
+        assert float(keras.ops.convert_to_numpy(clone(step))) == float(keras.ops.convert_to_numpy(schedule_(step)))

@@ -83,3 +83,20 @@ def test_compiled_pre_training_lowers_the_loss_with_a_fresh_mask_every_step():
     removed = 1 - mae.masking.num_keep / mae.masking.num_patches
     np.testing.assert_allclose(keras.ops.convert_to_numpy(first).mean(axis=1), removed)
     assert not torch.equal(first, second)
+
+
+@torch_only
+def test_the_learning_rate_schedule_compiles_once():
+    """Keras' CosineDecay branches with `ops.cond` (a graph break, and a recompile per
+    step from its new op name); the optimizer's step runs it every step."""
+    import torch
+
+    from keras_mae.optimizers import WarmupCosineDecay
+
+    schedule = WarmupCosineDecay(0.0, decay_steps=6, warmup_target=0.1, warmup_steps=3)
+    assert graphs_and_breaks(schedule, torch.tensor(1)) == (1, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(schedule, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rates = [float(compiled(torch.tensor(step))) for step in range(12)]
+    assert rates == pytest.approx([float(schedule(step)) for step in range(12)])
