@@ -92,6 +92,10 @@ def build_parser():
                        help="Also report the k-NN accuracy (cosine, k=20) of the encoder's features before training.")
     train.add_argument("--dtype-policy", choices=["float32", "mixed_bfloat16", "mixed_float16"], default="float32",
                        help="Keras dtype policy (default: %(default)s).")
+    train.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
+                       help="Compile the training step: auto = XLA on TensorFlow and JAX, eager PyTorch; true on "
+                            "torch = torch.compile, one graph per step, after minutes of compiling at the start; "
+                            "false = eager everywhere, for debugging (default: %(default)s).")
     train.add_argument("--seed", type=int, default=0, help="Seed of initialisation, subsets, shuffling, augmentation.")
 
     output = parser.add_argument_group("output")
@@ -310,7 +314,8 @@ def main(argv=None):
     # Linear probing trains the head alone on the cached features; otherwise the whole
     # classifier trains on images.
     trainee = classifier.head if args.mode == "linear" else classifier
-    trainee.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+    trainee.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
     if args.mode == "linear":
         fit_data = tf.data.Dataset.from_tensor_slices(
             (frozen_train[0], tf.one_hot(frozen_train[1], num_classes))

@@ -58,7 +58,7 @@ def test_help_explains_every_flag(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
     for flag in ("--encoder", "--init", "--mode", "--blocks", "--dataset", "--data-dir", "--image-size", "--epochs",
-                 "--batch-size", "--labels-fraction", "--output-dir", "--seed", "--export", "--knn"):
+                 "--batch-size", "--labels-fraction", "--output-dir", "--seed", "--export", "--knn", "--jit-compile"):
         assert flag in out
     assert all(action.help for action in finetune.build_parser()._actions)
 
