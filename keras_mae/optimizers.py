@@ -8,6 +8,8 @@ Keras' own torch AdamW makes about a dozen `_foreach` passes over every weight, 
 ViT-B's 112 M weights cost 0.6 s per step on a 2-core CPU against 0.04 s fused.
 """
 
+import math
+
 import keras
 from keras import ops
 
@@ -127,7 +129,8 @@ class WarmupCosineDecay(keras.optimizers.schedules.CosineDecay):
         target = ops.cast(self.warmup_target, dtype)
         step = ops.minimum(ops.cast(step, dtype), float(self.warmup_steps + self.decay_steps))
         warming = start + (target - start) * step / max(self.warmup_steps, 1)
-        decaying = self._decay_function(step - self.warmup_steps, ops.cast(self.decay_steps, dtype), target, dtype)
+        cosine = 0.5 * (1.0 + ops.cos(math.pi * (step - self.warmup_steps) / self.decay_steps))
+        decaying = target * ((1.0 - self.alpha) * cosine + self.alpha)
         return ops.where(step < self.warmup_steps, warming, decaying)
 
 
