@@ -235,11 +235,7 @@ def main(argv=None):
     weight_decay = args.weight_decay if args.weight_decay is not None else (0.0 if args.mode == "linear" else 0.05)
     learning_rate = args.base_lr * args.batch_size / 256
     steps_per_epoch = train_source.num_examples // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = min(int(args.warmup_epochs * steps_per_epoch), total_steps - 1)
-    schedule = WarmupCosineDecay(
-        0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
-    )
+    schedule = WarmupCosineDecay.for_run(learning_rate, args.epochs, steps_per_epoch, args.warmup_epochs)
     decay = args.layer_decay if args.mode != "linear" else 1.0
     optimizer = AdamW(schedule, classifier.layer_decay_multipliers(decay), weight_decay=weight_decay,
                       beta_1=0.9, beta_2=0.999)

@@ -271,8 +271,6 @@ def main(argv=None):
         "seed": args.seed,
     }
     learning_rate = args.base_lr * args.batch_size / 256
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = min(int(args.warmup_epochs * steps_per_epoch), total_steps - 1)
     run_config = {
         "flags": vars(args),
         "command": " ".join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -289,9 +287,7 @@ def main(argv=None):
     keras.config.set_dtype_policy(args.dtype_policy)
     with scope:
         mae = MaskedAutoencoder(**model_config)
-        schedule = WarmupCosineDecay(
-            0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
-        )
+        schedule = WarmupCosineDecay.for_run(learning_rate, args.epochs, steps_per_epoch, args.warmup_epochs)
         optimizer = AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)
         jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
         mae.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution, jit_compile=jit_compile)

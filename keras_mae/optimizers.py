@@ -121,6 +121,16 @@ class WarmupCosineDecay(keras.optimizers.schedules.CosineDecay):
     computes both and selects with `ops.where`.
     """
 
+    @classmethod
+    def for_run(cls, peak_rate, epochs, steps_per_epoch, warmup_epochs):
+        """The recipe of train.py and finetune.py: from 0 up to `peak_rate` over
+        `warmup_epochs` (fractions allowed), then a cosine down to 0 at the run's last step.
+        A warm-up as long as the run is cut so that at least one step decays."""
+        total_steps = epochs * steps_per_epoch
+        warmup_steps = max(min(int(warmup_epochs * steps_per_epoch), total_steps - 1), 0)
+        return cls(0.0, decay_steps=max(total_steps - warmup_steps, 1), warmup_target=peak_rate,
+                   warmup_steps=warmup_steps)
+
     def __call__(self, step):
         if self.warmup_target is None:  # no warm-up: Keras' schedule has no branch
             return super().__call__(step)

@@ -162,3 +162,23 @@ def test_warmup_cosine_decay_config_round_trip():
     assert isinstance(clone, WarmupCosineDecay) and clone.get_config() == schedule_.get_config()
     for step in (0, 1, 5, 20):
         assert float(keras.ops.convert_to_numpy(clone(step))) == float(keras.ops.convert_to_numpy(schedule_(step)))
+
+
+@pytest.mark.parametrize("epochs, steps_per_epoch, warmup_epochs, warmup_steps", [
+    (4, 10, 1, 10),     # whole warm-up epoch, then 30 decaying steps
+    (3, 8, 0.5, 4),     # a fractional warm-up
+    (2, 5, 40, 9),      # warm-up longer than the run: cut to leave one decaying step
+    (1, 1, 1, 0),       # a one-step run starts at the peak
+])
+def test_warmup_cosine_decay_for_run(epochs, steps_per_epoch, warmup_epochs, warmup_steps):
+    """The scripts' recipe: 0 -> peak over the warm-up, rising strictly, then down to 0 at the end."""
+    schedule_ = WarmupCosineDecay.for_run(0.4, epochs, steps_per_epoch, warmup_epochs)
+    total = epochs * steps_per_epoch
+    rates = [float(keras.ops.convert_to_numpy(schedule_(step))) for step in range(total + 1)]
+    assert schedule_.warmup_steps == warmup_steps
+    assert schedule_.warmup_steps + schedule_.decay_steps == total
+    assert rates[warmup_steps] == pytest.approx(0.4)
+    assert rates[0] == (0.0 if warmup_steps else pytest.approx(0.4))
+    assert all(a < b for a, b in zip(rates[:warmup_steps], rates[1:warmup_steps + 1]))
+    assert all(a > b for a, b in zip(rates[warmup_steps:total], rates[warmup_steps + 1:total + 1]))
+    assert rates[total] == pytest.approx(0.0, abs=1e-9)
