@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 from keras import ops
 
-from keras_mae.models import MAEEncoder, MaskedAutoencoder, XLAOnTensorFlow
+from keras_mae.models import CompiledSteps, MAEEncoder, MaskedAutoencoder
 
 POOLINGS = ("avg", "token")
 MODES = ("linear", "partial", "full")
@@ -56,7 +56,7 @@ def pool_tokens(tokens, pooling="avg"):
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
-class ViTClassifier(XLAOnTensorFlow, keras.Model):
+class ViTClassifier(CompiledSteps, keras.Model):
     """Images -> class probabilities with an `MAEEncoder` and a linear head.
 
     Args:

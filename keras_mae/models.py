@@ -10,6 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_mae import torch_compile
 from keras_mae.layers import (
     Dense,
     Patchify,
@@ -33,15 +34,18 @@ def token_initializer():
     return keras.initializers.RandomNormal(stddev=0.02)
 
 
-class XLAOnTensorFlow:
-    """Mixin for `keras.Model`s: `compile(jit_compile="auto")` means XLA on TensorFlow too.
+class CompiledSteps:
+    """Mixin for `keras.Model`s: what `compile(jit_compile=...)` means for these ViTs.
 
-    Keras' "auto" leaves TensorFlow without XLA when there is no GPU; for these ViTs
-    XLA is about 1.5x faster on a CPU as well (keras.io sizes, 2 cores: 610 vs 410
-    img/s). Under a several-replica `tf.distribute` strategy, and on torch, "auto" stays
-    Keras' own choice. A saved model compiles again with "auto" on load, so a file saved
-    under one backend gets the loading backend's choice (not torch.compile because XLA
-    was on where it was saved).
+    TensorFlow: Keras' "auto" leaves XLA off when there is no GPU; for these ViTs XLA is
+    about 1.5x faster on a CPU as well (keras.io sizes, 2 cores: 610 vs 410 img/s). Under
+    a several-replica `tf.distribute` strategy, and on torch, "auto" stays Keras' own
+    choice. A saved model compiles again with "auto" on load, so a file saved under one
+    backend gets the loading backend's choice (not torch.compile because XLA was on where
+    it was saved).
+
+    torch: `jit_compile=True` hands Keras' train step to torch.compile; its first step
+    runs eagerly so that the step compiles once (`torch_compile.eager_first_call`).
     """
 
     def compile(self, *args, jit_compile="auto", **kwargs):
@@ -55,6 +59,14 @@ class XLAOnTensorFlow:
         self.compile(**config)
         if self.built and getattr(self, "optimizer", None) is not None:
             self.optimizer.build(self.trainable_variables)
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force)
+        if keras.backend.backend() == "torch" and self.jit_compile is True:
+            self.train_function = torch_compile.eager_first_call(self.train_function)
+        return self.train_function
 
 
 def _check_positive_int(value, name):
@@ -318,7 +330,7 @@ class MAEDecoder(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
-class MaskedAutoencoder(XLAOnTensorFlow, keras.Model):
+class MaskedAutoencoder(CompiledSteps, keras.Model):
     """Masked Autoencoder (He et al., 2021) that pre-trains a ViT with plain `fit`.
 
     `mae(images)` masks each image, encodes the kept patches, decodes every patch and

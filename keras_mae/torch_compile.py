@@ -10,7 +10,8 @@ builds a `torch.Generator` from the `SeedGenerator`'s state, which dynamo cannot
 while torch compiles, it draws from torch's own generator instead,
 as Keras' torch `Dropout` does when it has no seed (seeded by
 `keras.utils.set_random_seed`); eager steps and the other backends keep
-`keras.random` with the layer's `SeedGenerator`.
+`keras.random` with the layer's `SeedGenerator`. `eager_first_call` keeps torch from
+compiling the whole step twice.
 """
 
 import keras
@@ -34,3 +35,29 @@ def uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
 
     draw = torch.rand(tuple(shape), dtype=to_torch_dtype(dtype), device=get_device())
     return draw * (maxval - minval) + minval
+
+
+def eager_first_call(step):
+    """`step`, a function given to torch.compile, with its first call run eagerly.
+
+    A first call changes Python state that torch.compile's guards check: Keras layers
+    record their name-scope path and Keras its per-thread call context, weightless
+    layers become built, gradients go from None to tensors. Traced from the first call,
+    the guards capture the state before it and fail at the second, and the whole step
+    compiles again (76 s more at the keras.io sizes on a 2-core CPU).
+    Run eagerly (a real step, at eager speed), the first call settles that state, and
+    the second compiles once for all the steps after it.
+    """
+    import torch
+
+    first = True
+
+    def run(*args, **kwargs):
+        nonlocal first
+        if first:
+            first = False
+            with torch.compiler.set_stance("force_eager"):
+                return step(*args, **kwargs)
+        return step(*args, **kwargs)
+
+    return run

@@ -6,7 +6,7 @@ import pytest
 
 import keras_mae
 from conftest import random_images, tiny_mae
-from keras_mae.torch_compile import compiling, uniform
+from keras_mae.torch_compile import compiling, eager_first_call, uniform
 
 torch_only = pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.compile is the torch backend's")
 
@@ -67,6 +67,27 @@ def test_the_fine_tuning_forward_pass_is_one_graph():
 
 
 @torch_only
+def test_eager_first_call_compiles_from_the_second_call():
+    import torch
+
+    graphs_after_each_call = []
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    run = eager_first_call(torch.compile(lambda x: x * 2, backend=count_graphs))
+    results = []
+    for i in range(4):
+        results.append(float(run(torch.tensor(float(i)))))
+        graphs_after_each_call.append(len(graphs))
+    assert graphs_after_each_call == [0, 1, 1, 1]  # eager first, then one graph for all
+    assert results == [0.0, 2.0, 4.0, 6.0]
+
+
+@torch_only
 def test_compiled_pre_training_lowers_the_loss_with_a_fresh_mask_every_step():
     import torch
 
@@ -74,7 +95,9 @@ def test_compiled_pre_training_lowers_the_loss_with_a_fresh_mask_every_step():
     mae = tiny_mae()
     mae.compile(optimizer=keras_mae.AdamW(3e-3), jit_compile=True)
     images = random_images(batch=32, seed=1)
-    losses = mae.fit(images, batch_size=8, epochs=4, verbose=0).history["loss"]
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # compiled once, at the first step
+        losses = mae.fit(images, batch_size=8, epochs=4, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
 
     masks = torch.compile(lambda x: mae(x, training=True)["mask"])
