@@ -44,8 +44,8 @@ class CompiledSteps:
     backend gets the loading backend's choice (not torch.compile because XLA was on where
     it was saved).
 
-    torch: `jit_compile=True` hands Keras' train step to torch.compile; its first step
-    runs eagerly so that the step compiles once (`torch_compile.eager_first_call`).
+    torch: `jit_compile=True` hands Keras' `train_step` itself to torch.compile, its first
+    call eager (`torch_compile.compiled_train_function`).
     """
 
     def compile(self, *args, jit_compile="auto", **kwargs):
@@ -65,7 +65,7 @@ class CompiledSteps:
             return self.train_function
         super().make_train_function(force)
         if keras.backend.backend() == "torch" and self.jit_compile is True:
-            self.train_function = torch_compile.eager_first_call(self.train_function)
+            self.train_function = torch_compile.compiled_train_function(self.train_step)
         return self.train_function
 
 

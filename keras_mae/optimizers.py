@@ -13,7 +13,7 @@ import math
 import keras
 from keras import ops
 
-from keras_mae.torch_compile import compiling
+from keras_mae.torch_compile import not_traced
 
 # Variable names that are not decayed: biases, norms, tokens, fixed tables.
 NO_WEIGHT_DECAY = ("bias", "gamma", "beta", "class_token", "mask_token", "table")
@@ -51,6 +51,13 @@ class AdamW(keras.optimizers.Adam):
         self._decayed = [bool(self.decoupled_weight_decay) and v.name not in self.no_weight_decay
                          for v in variables]
 
+    @not_traced
+    def apply(self, grads, trainable_variables=None):
+        """Keras' `apply`; a torch step compiled with torch.compile runs it eagerly, through
+        torch's fused kernel, instead of tracing Keras' update of one variable after another
+        (a minute or two of compiling on a 2-core CPU, for a step no faster)."""
+        return super().apply(grads, trainable_variables)
+
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         learning_rate = ops.cast(learning_rate, variable.dtype) * self._lr_scales[index]
@@ -59,9 +66,9 @@ class AdamW(keras.optimizers.Adam):
         super().update_step(gradient, variable, learning_rate)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        if keras.backend.backend() == "torch" and not compiling():  # torch.compile has no fused-Adam tracer
+        if keras.backend.backend() == "torch":
             self._fused_torch_step(grads, trainable_variables, learning_rate)
-        else:  # update_step per variable; XLA or torch.compile fuse it
+        else:  # update_step per variable; XLA fuses it
             super()._backend_update_step(grads, trainable_variables, learning_rate)
 
     def _fused_torch_step(self, grads, variables, learning_rate):

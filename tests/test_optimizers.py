@@ -122,9 +122,37 @@ def test_configs_saved_under_the_old_name_still_load():
     assert loaded.decoupled_weight_decay == 0.01
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch.compile is the torch backend's")
+def test_torch_compile_leaves_the_update_to_eager_torch():
+    """Traced, Keras' update of one variable after another costs minutes of compiling."""
+    import torch
+
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    variables = layers_variables()
+    initial = [keras.ops.convert_to_numpy(v) for v in variables]
+    steps = gradients(variables)
+    eager = run(AdamW(schedule(), weight_decay=0.1), variables, steps)
+    for variable, value in zip(variables, initial):
+        variable.assign(value)
+    optimizer = AdamW(schedule(), weight_decay=0.1)
+    optimizer.build(variables)
+    torch._dynamo.reset()
+    apply = torch.compile(lambda grads: optimizer.apply(grads, variables), backend=count_graphs)
+    for grads in steps:
+        apply([keras.ops.convert_to_tensor(g) for g in grads])
+    assert graphs == []
+    for variable, want in zip(variables, eager):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(variable), want, rtol=1e-6, atol=1e-7)
+
+
 def test_compiled_and_eager_training_agree():
-    """fit compiles the update into the step (XLA; torch.compile, which cannot trace the
-    fused kernel, gets the per-variable update): the same weights either way."""
+    """fit compiles the update into the step with XLA (torch.compile leaves it to the
+    fused kernel, eagerly): the same weights either way."""
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(16, 5)).astype("float32"), rng.normal(size=(16, 3)).astype("float32")
     trained = []
