@@ -55,7 +55,7 @@ class AdamW(keras.optimizers.Adam):
     def apply(self, grads, trainable_variables=None):
         """Keras' `apply`; a torch step compiled with torch.compile runs it eagerly, through
         torch's fused kernel, instead of tracing Keras' update of one variable after another
-        (a minute or two of compiling on a 2-core CPU, for a step no faster)."""
+        (1-4 minutes of compiling on a 2-core CPU, for a step no faster)."""
         return super().apply(grads, trainable_variables)
 
     def update_step(self, gradient, variable, learning_rate):

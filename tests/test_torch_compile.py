@@ -104,8 +104,8 @@ def test_compiled_pre_training_lowers_the_loss_with_a_fresh_mask_every_step():
     # Each graph break met once: no trace of the whole forward pass was thrown away
     # (Keras' wrapper around train_step), and the optimizer's update is not traced.
     breaks = {reason.splitlines()[0]: count for reason, count in counters["graph_break"].items()}
-    assert breaks == {"Unsupported Tensor.backward() call": 1,
-                      "Skip inlining `torch.compiler.disable()`d function": 1}, breaks
+    assert len(breaks) == 2 and set(breaks.values()) == {1}, breaks
+    assert any("backward()" in reason for reason in breaks) and any("disable" in reason for reason in breaks), breaks
 
     masks = torch.compile(lambda x: mae(x, training=True)["mask"])
     x = torch.as_tensor(images[:8])
