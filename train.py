@@ -326,6 +326,8 @@ def main(argv=None):
               f"answering ({reason}). The last completed epoch is in {run_dir}: start every process again with "
               "--resume.", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        if not chief:
+            shutil.rmtree(out_dir, ignore_errors=True)
         os._exit(1)
 
     losses = history.history.get("loss", [])

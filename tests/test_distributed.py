@@ -32,16 +32,18 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def start(process_id, port, *argv, count=2):
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+def start(process_id, port, *argv, count=2, scratch=None):
+    # `scratch` becomes the process's TMPDIR: a killed process cannot delete its folder there.
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1",
+           **({"TMPDIR": str(scratch)} if scratch else {})}
     command = [sys.executable, "train.py", *QUICK, "--strategy", "multi_process", "--coordinator-address",
                f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id", str(process_id), *map(str, argv)]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_all(*argv, timeout=420):
+def run_all(*argv, scratch=None, timeout=420):
     port = free_port()
-    processes = [start(i, port, *argv) for i in range(2)]
+    processes = [start(i, port, *argv, scratch=scratch) for i in range(2)]
     outputs = [process.communicate(timeout=timeout) for process in processes]
     return [process.returncode for process in processes], outputs
 
@@ -59,20 +61,24 @@ def weights_digest(path):
 
 @needs_jax
 def test_two_processes_train_resume_and_end_identical(tmp_path):
-    run_dir = tmp_path / "run"
-    codes, outputs = run_all("--epochs", "1", "--output-dir", run_dir, "--distributed-timeout", "120")
+    run_dir, scratch = tmp_path / "run", tmp_path / "tmp"
+    scratch.mkdir()
+    codes, outputs = run_all("--epochs", "1", "--output-dir", run_dir, "--distributed-timeout", "120",
+                             scratch=scratch)
     assert codes == [0, 0], [err[-2000:] for _, err in outputs]
     assert "in 2 processes" in outputs[0][0]
     first = digests(outputs)
     assert first[0] == first[1]
     # Restarted with --resume, both continue from the same completed epoch.
-    codes, outputs = run_all("--epochs", "2", "--resume", "--output-dir", run_dir, "--distributed-timeout", "120")
+    codes, outputs = run_all("--epochs", "2", "--resume", "--output-dir", run_dir, "--distributed-timeout", "120",
+                             scratch=scratch)
     assert codes == [0, 0], [err[-2000:] for _, err in outputs]
     assert all("Resuming after epoch 1" in out for out, _ in outputs)
     second = digests(outputs)
     assert second[0] == second[1] != first[0]
     assert weights_digest(run_dir / "mae.keras") == second[0]
-    # Process 0 wrote the whole folder once; process 1 left nothing behind.
+    # Process 0 wrote the whole folder once; process 1 left nothing behind, there or in its temp folder.
+    assert not list(scratch.iterdir())
     names = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file() and "logs" not in p.parts}
     assert names == {"config.json", "mae.keras", "encoder.keras", "history.csv", "loss_curve.png", "state.json",
                      "checkpoint_002.keras", "reconstructions/epoch_001.png", "reconstructions/epoch_002.png"}
@@ -85,7 +91,7 @@ def test_a_killed_process_stops_the_other_within_the_timeout(tmp_path):
     port = free_port()
     timeout = 10
     argv = ["--epochs", "200", "--output-dir", tmp_path / "run", "--distributed-timeout", timeout]
-    survivor, victim = start(0, port, *argv), start(1, port, *argv)
+    survivor, victim = start(0, port, *argv, scratch=tmp_path), start(1, port, *argv, scratch=tmp_path)
     deadline = time.time() + 300
     log = tmp_path / "victim.out"
     # Wait until training runs (its first epoch line), then kill process 1.
@@ -109,7 +115,7 @@ def test_a_killed_process_stops_the_other_within_the_timeout(tmp_path):
 @needs_jax
 def test_unreachable_coordinator_is_one_line_within_the_limit(tmp_path):
     started = time.time()
-    process = start(1, free_port(), "--output-dir", tmp_path / "run", "--distributed-timeout", "5")
+    process = start(1, free_port(), "--output-dir", tmp_path / "run", "--distributed-timeout", "5", scratch=tmp_path)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
     last = err.strip().splitlines()[-1]
