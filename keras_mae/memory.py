@@ -1,29 +1,35 @@
-"""glibc malloc settings that make training steps faster on a CPU, made at start-up.
+"""Allocator settings that make training steps faster on a CPU, made at start-up.
 
 `tune_allocator()`, which train.py, finetune.py and the benchmarks call first thing,
 applies the one each backend gains from; TensorFlow keeps its memory in its own pools
 (no page faults in a step) and runs as it is.
 
-JAX: XLA's CPU runtime allocates the whole scratch space of a compiled step (811 MB for
-the keras.io-sized model at batch 256) with `malloc` when the step starts and frees it
-when the step ends. glibc maps such a block fresh from the kernel every time, so each
-training step first page-faults all of it in 4 KiB pages (about 200,000 faults a step)
-and then works through a TLB that covers little of it. With glibc asked to back large
-blocks with transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), the same
-steps ran 1.3x (K) to 1.6x (T) faster. glibc reads its tunables once, when a program
-starts, hence a restart rather than a setting (`restart_with_huge_pages`).
-`keep_freed_memory` cannot help here: XLA allocates that block on its own thread, from
-one of glibc's per-thread arenas, and those map any block larger than their 64 MiB heaps
-whatever `M_MMAP_MAX` says. A single arena (`glibc.malloc.arena_max=1`) does keep it,
-but measured no faster on the Intel Xeon (README, Speed).
+Both JAX and eager PyTorch free large blocks at every step and allocate them again at
+the next, and glibc's malloc hands blocks that large back to the kernel, so each step
+page-faults them in anew:
 
-torch: eager PyTorch allocates every activation and gradient with `malloc` and frees it
-when its last reference goes. glibc serves blocks of 32 MiB and more (a decoder MLP's
-`(256 * 65, 512)` float32 activation at configuration T is 34 MB) with a fresh `mmap`
-each time, so every such tensor is page-faulted in again at every step (about 40,000
-faults and 130 ms of kernel CPU time per step at T). Huge pages did not help it (nor
-HuggingFace); keeping freed memory in the heap does (`keep_freed_memory`), and
-`mallopt` takes effect at once, without a restart.
+- JAX: XLA's CPU runtime allocates the whole scratch space of a compiled step (811 MB
+  for the keras.io-sized model at batch 256) with `malloc` when the step starts and
+  frees it when the step ends, on its own thread, from one of glibc's per-thread
+  arenas, which map any block larger than their 64 MiB heaps whatever `M_MMAP_MAX`
+  says. On a 2-core virtual machine the kernel spent 0.2-0.7 s a step clearing pages at
+  K, and 4.4-4.6 s at T.
+- torch: eager PyTorch frees every activation when its last reference goes; glibc
+  serves blocks of 32 MiB and more (a decoder MLP's `(256 * 65, 512)` float32 activation
+  at configuration T is 34 MB) with a fresh `mmap` each time (about 40,000 faults and
+  130 ms of kernel CPU time per step at T).
+
+The cure is an allocator that keeps what is freed. Where the system has jemalloc
+(Debian / Ubuntu: `apt-get install libjemalloc2`), JAX and torch programs restart once
+on it, with freed memory never returned (`MALLOC_CONF`, `JEMALLOC_CONF`): the faults and
+the kernel time are gone (README, Speed, has the figures). Without jemalloc, glibc does
+what it can: torch keeps freed memory through `mallopt` (`keep_freed_memory`, at once),
+and JAX restarts with glibc's huge pages (`restart_with_huge_pages`: fewer, larger
+faults; glibc reads its tunables only when a program starts).
+
+The resident memory of a process then stays at its peak rather than falling between
+steps. To opt out of jemalloc, set `KERAS_MAE_JEMALLOC=0`; a malloc library of your own
+in `LD_PRELOAD`, and your own `MALLOC_CONF` or `GLIBC_TUNABLES` choices, win.
 """
 
 import ctypes
@@ -35,6 +41,9 @@ import sys
 import keras
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# jemalloc keeps every freed page (no decay, no separate arena that returns large blocks
+# at once) and backs its memory with transparent huge pages.
+JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -58,21 +67,79 @@ def glibc_has_hugetlb_tunable():
         return False
 
 
+def restartable():
+    """Whether this Python program can be started again with the same arguments: a file,
+    a module or `-c`; not stdin or an interactive session."""
+    return sys.argv[0] not in ("", "-") and not sys.flags.interactive
+
+
+def preloaded_malloc(environ=None):
+    """Whether `LD_PRELOAD` already names a malloc library (jemalloc, tcmalloc, mimalloc...)."""
+    environ = os.environ if environ is None else environ
+    return "malloc" in environ.get("LD_PRELOAD", "")
+
+
+def jemalloc_environment(environ=None, library=None):
+    """The variables that start a program on jemalloc keeping freed memory
+    (`LD_PRELOAD`, `MALLOC_CONF`), or `{}` where that is not wanted or not possible: not
+    Linux, no jemalloc on the system, `KERAS_MAE_JEMALLOC=0`, or a malloc library
+    already preloaded. A `MALLOC_CONF` of the user's own is kept.
+
+    `library` defaults to the system's (`ctypes.util.find_library("jemalloc")`).
+    """
+    environ = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux") or environ.get("KERAS_MAE_JEMALLOC") == "0" or preloaded_malloc(environ):
+        return {}
+    library = library or ctypes.util.find_library("jemalloc")
+    if not library:
+        return {}
+    preload = environ.get("LD_PRELOAD", "").strip()
+    return {"LD_PRELOAD": f"{preload}:{library}" if preload else library,
+            "MALLOC_CONF": environ.get("MALLOC_CONF", JEMALLOC_CONF)}
+
+
 def huge_pages_would_help():
     """Whether `restart_with_huge_pages` would restart this process: a JAX program on
-    Linux with glibc 2.35 or later, a kernel that gives huge pages only to memory that asks
-    for them ('madvise'; under 'always' everything has them already), no
-    `glibc.malloc.hugetlb` choice of the user's own in `GLIBC_TUNABLES`, and a program that
-    can be started again (a file, a module or `-c`; not stdin or an interactive session)."""
+    Linux with glibc's malloc (no malloc library preloaded), glibc 2.35 or later, a kernel
+    that gives huge pages only to memory that asks for them ('madvise'; under 'always'
+    they are there already), no `glibc.malloc.hugetlb` choice of the user's own in
+    `GLIBC_TUNABLES`, and a program that can be started again (`restartable`)."""
     return (
         keras.config.backend() == "jax"
         and sys.platform.startswith("linux")
+        and not preloaded_malloc()
         and glibc_has_hugetlb_tunable()
         and transparent_huge_page_mode() == "madvise"
         and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
-        and sys.argv[0] not in ("", "-")
-        and not sys.flags.interactive
+        and restartable()
     )
+
+
+def restart(variables):
+    """Re-executes this Python program, same arguments, with the environment `variables`
+    added. Returns only when that is impossible (an unusual interpreter), having put the
+    environment back: the program then runs on as it is, just slower."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def restart_with_jemalloc():
+    """Re-executes this Python program, same arguments, on jemalloc keeping freed memory
+    (`jemalloc_environment`) when it runs JAX or torch and can be restarted; otherwise
+    returns. Call it first thing in a script: the process image is replaced."""
+    variables = jemalloc_environment()
+    if variables and keras.config.backend() in ("jax", "torch") and restartable():
+        restart(variables)
 
 
 def restart_with_huge_pages():
@@ -80,23 +147,11 @@ def restart_with_huge_pages():
     transparent huge pages, when `huge_pages_would_help()`; otherwise returns.
 
     Call it first thing in a script (before any work worth keeping): the process image is
-    replaced. train.py, finetune.py and benchmarks/throughput.py do, through
-    `tune_allocator`. To opt out, set
-    `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`.
+    replaced. To opt out, set `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`.
     """
-    if not huge_pages_would_help():
-        return
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-    except OSError:  # no restart possible (an unusual interpreter): run on, just slower
-        if tunables:
-            os.environ["GLIBC_TUNABLES"] = tunables
-        else:
-            del os.environ["GLIBC_TUNABLES"]
+    if huge_pages_would_help():
+        tunables = os.environ.get("GLIBC_TUNABLES", "")
+        restart({"GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE})
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
@@ -120,16 +175,19 @@ def keep_freed_memory():
 
 
 def tune_allocator():
-    """The allocator setting that speeds up this backend's training steps on a CPU:
-    torch keeps freed memory (`keep_freed_memory`); JAX restarts with huge pages
-    (`restart_with_huge_pages`, which replaces the process: call this first thing);
-    TensorFlow runs as it is.
+    """The allocator setting that speeds up this backend's training steps on a CPU. JAX and
+    torch restart on jemalloc where the system has it (`restart_with_jemalloc`); without
+    it, torch keeps freed memory in glibc's heap (`keep_freed_memory`) and JAX restarts
+    with glibc's huge pages (`restart_with_huge_pages`). TensorFlow runs as it is. Call
+    this first thing: a restart replaces the process.
 
-    A choice of your own in `GLIBC_TUNABLES` wins: `glibc.malloc.mmap_max=65536` (glibc's
-    default) keeps torch on plain malloc, `glibc.malloc.hugetlb=0` JAX.
+    Choices of your own win: `KERAS_MAE_JEMALLOC=0` keeps glibc, a malloc library in
+    `LD_PRELOAD` is left alone, `glibc.malloc.mmap_max=65536` (glibc's default) in
+    `GLIBC_TUNABLES` keeps torch on plain glibc malloc, `glibc.malloc.hugetlb=0` JAX.
     """
+    restart_with_jemalloc()
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if keras.config.backend() == "torch" and not any(
+    if keras.config.backend() == "torch" and not preloaded_malloc() and not any(
         name in tunables for name in ("glibc.malloc.mmap_max", "glibc.malloc.trim_threshold")
     ):
         keep_freed_memory()
@@ -138,8 +196,10 @@ def tune_allocator():
 
 __all__ = [
     "huge_pages_would_help",
+    "jemalloc_environment",
     "keep_freed_memory",
     "restart_with_huge_pages",
+    "restart_with_jemalloc",
     "transparent_huge_page_mode",
     "tune_allocator",
 ]
