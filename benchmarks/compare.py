@@ -7,7 +7,7 @@ the same random batch after warm-up steps. keras-mae's runs tune their allocator
 train.py does (jemalloc where the system has it, for JAX and torch; keras_mae/memory.py);
 HuggingFace runs on the system's malloc, as people run it. To give every run jemalloc,
 preload it for the whole tree:
-    LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1,thp:always python benchmarks/compare.py
+    LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/compare.py
 
 Extra install (a benchmark extra, not a runtime dependency):
     pip install transformers==5.23.0 torch==2.13.0
@@ -22,6 +22,7 @@ run of the same round) and their median. Last lines: `<backend>_img_per_s=`,
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,9 @@ from throughput import CONFIGS, training_flops  # noqa: E402
 
 
 def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
-    """Images/second of ViTMAEForPreTraining training steps (run in a child process).
+    """Images/second of ViTMAEForPreTraining training steps, and their CPU seconds and page
+    faults per step (`img_per_s`, `user_s_per_step`, `kernel_s_per_step`,
+    `page_faults_per_step`; run in a child process).
 
     On a CUDA device when there is one; `mixed_bfloat16` / `mixed_float16` map to
     torch.autocast, the mixed precision HuggingFace's Trainer uses.
@@ -61,12 +64,12 @@ def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     size = config["image_size"]
     images = torch.rand(batch_size, config["num_channels"], size, size, device=device)
-    start = None
+    start = usage = None
     for step in range(warmup + steps):
         if step == warmup:
             if device == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         with precision:
             loss = model(pixel_values=images).loss
         loss.backward()
@@ -74,7 +77,10 @@ def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
         optimizer.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
-    return batch_size * steps / (time.perf_counter() - start)
+    seconds, end = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return {"img_per_s": batch_size * steps / seconds, "user_s_per_step": (end.ru_utime - usage.ru_utime) / steps,
+            "kernel_s_per_step": (end.ru_stime - usage.ru_stime) / steps,
+            "page_faults_per_step": (end.ru_minflt + end.ru_majflt - usage.ru_minflt - usage.ru_majflt) / steps}
 
 
 def child(command, env=None):
@@ -121,15 +127,21 @@ def main(argv=None):
                 if name == "hf":
                     out = child([sys.executable, __file__, "--hf-only", "--config", args.config, "--threads", str(args.threads),
                                  "--dtype-policy", args.dtype_policy, *common])
-                    rate = json.loads(out.strip().splitlines()[-1])
+                    figures = json.loads(out.strip().splitlines()[-1])
                 else:
-                    figures = Path(tmp) / f"{name}.json"
+                    figures_file = Path(tmp) / f"{name}.json"
                     child([sys.executable, str(HERE / "throughput.py"), "--backend", name, "--config", args.config,
                            "--dtype-policy", args.dtype_policy, "--jit-compile", args.jit_compile,
-                           "--steps-per-execution", str(1 if name == "torch" else args.steps_per_execution), "--json", str(figures), *common])
-                    rate = json.loads(figures.read_text())["img_per_s"]
+                           "--steps-per-execution", str(1 if name == "torch" else args.steps_per_execution),
+                           "--json", str(figures_file), *common])
+                    figures = json.loads(figures_file.read_text())
+                rate = figures["img_per_s"]
                 rates[name].append(rate)
-                print(f"round {round_index + 1}: {name:<10} {rate:8.2f} img/s", flush=True)
+                # CPU time tells a disturbed round (kernel time, or user time up) from a slow one.
+                malloc = f", {figures['malloc']}" if "malloc" in figures else ""
+                print(f"round {round_index + 1}: {name:<10} {rate:8.2f} img/s  (CPU per step: user "
+                      f"{figures['user_s_per_step']:.3f} s, kernel {figures['kernel_s_per_step']:.3f} s, "
+                      f"{figures['page_faults_per_step']:.0f} page faults{malloc})", flush=True)
     best = {name: max(values) for name, values in rates.items()}
     print(f"config {args.config}, batch {args.batch_size}, {args.dtype_policy}, {os.cpu_count()} CPU cores")
     if args.peak_tflops:

@@ -161,6 +161,7 @@ def main(argv=None):
     import numpy as np
 
     import keras_mae
+    from keras_mae.memory import malloc_in_use
 
     if args.steps_per_execution > 1 and keras.backend.backend() == "torch":
         sys.exit("error: --steps-per-execution must be 1 with the torch backend (Keras' torch trainer runs one step per call).")
@@ -186,11 +187,11 @@ def main(argv=None):
             return batch
 
     class StepTimer(keras.callbacks.Callback):
-        """Wall time and this process's CPU time (user, kernel) of the timed steps."""
+        """Wall time, this process's CPU time (user, kernel) and page faults in the timed steps."""
 
         def mark(self):
             usage = resource.getrusage(resource.RUSAGE_SELF)
-            return time.perf_counter(), usage.ru_utime, usage.ru_stime
+            return time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt + usage.ru_majflt
 
         def on_train_batch_end(self, step, logs=None):
             if step + 1 == args.warmup * args.steps_per_execution:
@@ -200,7 +201,7 @@ def main(argv=None):
             self.start = self.mark()
 
         def on_train_end(self, logs=None):
-            self.seconds, self.user, self.kernel = (end - start for end, start in zip(self.mark(), self.start))
+            self.seconds, self.user, self.kernel, self.faults = (end - start for end, start in zip(self.mark(), self.start))
 
     def images_per_second(mask_tokens_in_encoder):
         mae = keras_mae.MaskedAutoencoder(**{**config, "mask_tokens_in_encoder": mask_tokens_in_encoder})
@@ -211,6 +212,7 @@ def main(argv=None):
         mae.fit(SameBatch(), epochs=1, verbose=0, callbacks=[timer])
         steps = args.steps * args.steps_per_execution
         cpu_time.update(user_s_per_step=timer.user / steps, kernel_s_per_step=timer.kernel / steps,
+                        page_faults_per_step=timer.faults / steps,
                         cores_busy=(timer.user + timer.kernel) / timer.seconds)
         if args.kernel_breakdown:
             import jax
@@ -243,8 +245,10 @@ def main(argv=None):
         print(f"{name}{' (mask tokens in encoder)' if args.mask_tokens_in_encoder else ''}: {rate:.2f} img/s")
         print(f"peak_rss_mib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
         print(f"CPU time per step: user {cpu_time['user_s_per_step']:.3f} s, kernel "
-              f"{cpu_time['kernel_s_per_step']:.3f} s; cores busy {cpu_time['cores_busy']:.2f} of {usable_cores}")
-        figures.update(img_per_s=rate, **cpu_time)
+              f"{cpu_time['kernel_s_per_step']:.3f} s; cores busy {cpu_time['cores_busy']:.2f} of {usable_cores}; "
+              f"{cpu_time['page_faults_per_step']:.0f} page faults")
+        print(f"malloc: {malloc_in_use()}")
+        figures.update(img_per_s=rate, malloc=malloc_in_use(), **cpu_time)
         tflops = training_flops(config, 1, args.mask_tokens_in_encoder) * rate / 1e12
         figures.update(model_tflops_per_s=tflops)
         print(f"model_tflops_per_s={tflops:.4g}")

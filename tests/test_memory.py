@@ -21,8 +21,9 @@ CHILD = f"""
 import ctypes, os, resource, sys
 sys.path.insert(0, {str(REPO)!r})
 print("started", flush=True)
-from keras_mae.memory import tune_allocator
+from keras_mae.memory import malloc_in_use, tune_allocator
 tune_allocator()
+print("malloc", malloc_in_use())
 print("arguments", sys.argv[1:])
 print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
 print("malloc_conf", os.environ.get("MALLOC_CONF", ""))
@@ -84,6 +85,7 @@ def test_jax_program_restarts_once_with_huge_pages():
     assert starts == 2
     assert fields["arguments"] == "['--flag', 'a value']"
     assert fields["tunables"] == "glibc.malloc.hugetlb=1"
+    assert fields["malloc"] == "glibc (glibc.malloc.hugetlb=1)"
     assert int(fields["huge_kib"]) >= 2048  # at least one 2 MiB page behind the 64 MiB block
 
 
@@ -113,6 +115,7 @@ def test_other_backends_are_not_restarted(backend, jemalloc):
     assert starts == 1
     assert fields["tunables"] == ""
     assert fields["jemalloc_mapped"] == "False"
+    assert fields["malloc"] == ("glibc (freed memory kept)" if backend == "torch" else "glibc")
     assert fields["arguments"] == "['--flag', 'a value']"
 
 
@@ -123,6 +126,7 @@ def test_jax_and_torch_restart_once_on_jemalloc_that_keeps_freed_memory(backend)
     assert starts == 2
     assert fields["arguments"] == "['--flag', 'a value']"
     assert fields["jemalloc_mapped"] == "True"
+    assert fields["malloc"].startswith("libjemalloc.so")
     assert fields["malloc_conf"] == JEMALLOC_CONF
     assert fields["tunables"] == ""  # glibc's settings are moot under jemalloc
     # 64 MiB fresh from the kernel would be 16,384 faults, or 32 in huge pages.
@@ -154,6 +158,7 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is
 def test_torch_program_reuses_freed_memory():
     starts, fields = run_child("torch")
     assert starts == 1
+    assert fields["malloc"] == "glibc (freed memory kept)"
     assert int(fields["reuse_faults"]) < 1024  # 64 MiB fresh from the kernel would be 16,384 pages
 
 
