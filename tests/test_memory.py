@@ -139,7 +139,8 @@ def test_users_malloc_conf_wins():
     assert starts == 2
     assert fields["jemalloc_mapped"] == "True"
     assert fields["malloc_conf"] == "narenas:2"
-    assert int(fields["reuse_faults"]) >= 8192  # the control: jemalloc's defaults return a large freed block
+    # The control: jemalloc's defaults return a large freed block (16,384 faults again, 32 in huge pages).
+    assert int(fields["reuse_faults"]) >= 16, fields["reuse_faults"]
 
 
 def test_jemalloc_environment_leaves_other_choices_alone():
