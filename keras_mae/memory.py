@@ -22,10 +22,12 @@ page-faults them in anew:
 The cure is an allocator that keeps what is freed. Where the system has jemalloc
 (Debian / Ubuntu: `apt-get install libjemalloc2`), JAX and torch programs restart once
 on it, with freed memory never returned (`MALLOC_CONF`, `JEMALLOC_CONF`): the faults and
-the kernel time are gone (README, Speed, has the figures). Without jemalloc, glibc does
-what it can: torch keeps freed memory through `mallopt` (`keep_freed_memory`, at once),
-and JAX restarts with glibc's huge pages (`restart_with_huge_pages`: fewer, larger
-faults; glibc reads its tunables only when a program starts).
+the kernel time are gone (README, Speed, has the figures). An IPython shell or Jupyter
+kernel is not restarted (the user's session would be lost); it is told how to start on
+jemalloc instead. Without jemalloc, glibc does what it can: torch keeps freed memory
+through `mallopt` (`keep_freed_memory`, at once), and JAX restarts with glibc's huge
+pages (`restart_with_huge_pages`: fewer, larger faults; glibc reads its tunables only
+when a program starts).
 
 The resident memory of a process then stays at its peak rather than falling between
 steps. To opt out of jemalloc, set `KERAS_MAE_JEMALLOC=0`; a malloc library of your own
@@ -37,6 +39,7 @@ import ctypes.util
 import os
 import platform
 import sys
+import warnings
 
 import keras
 
@@ -71,8 +74,15 @@ def glibc_has_hugetlb_tunable():
 
 def restartable():
     """Whether this Python program can be started again with the same arguments: a file,
-    a module or `-c`; not stdin or an interactive session."""
-    return sys.argv[0] not in ("", "-") and not sys.flags.interactive
+    a module or `-c`; not stdin, an interactive session, or an IPython shell or Jupyter
+    kernel (a restart would throw away the user's session)."""
+    return sys.argv[0] not in ("", "-") and not sys.flags.interactive and not in_ipython()
+
+
+def in_ipython():
+    """Whether this code runs inside IPython: a terminal shell or a Jupyter kernel."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
 
 
 def preloaded_malloc(environ=None):
@@ -140,8 +150,17 @@ def restart_with_jemalloc():
     (`jemalloc_environment`) when it runs JAX or torch and can be restarted; otherwise
     returns. Call it first thing in a script: the process image is replaced."""
     variables = jemalloc_environment()
-    if variables and keras.config.backend() in ("jax", "torch") and restartable():
+    if not variables or keras.config.backend() not in ("jax", "torch"):
+        return
+    if restartable():
         restart(variables)
+    elif in_ipython():
+        warnings.warn(
+            "keras_mae.memory: not restarting this IPython / Jupyter session on jemalloc. For "
+            "faster CPU training steps, start it with `LD_PRELOAD=" + variables["LD_PRELOAD"]
+            + " MALLOC_CONF=" + variables["MALLOC_CONF"] + "` (e.g. before `jupyter lab`).",
+            stacklevel=3,
+        )
 
 
 def restart_with_huge_pages():

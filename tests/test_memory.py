@@ -120,6 +120,23 @@ def test_other_backends_are_not_restarted(backend, jemalloc):
 
 
 @needs_jemalloc
+def test_ipython_session_is_not_restarted_but_told_how_to_get_jemalloc():
+    pytest.importorskip("IPython")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "KERAS_MAE_JEMALLOC")}
+    env.update(KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    source = "import warnings; warnings.simplefilter('always')\n" + CHILD
+    run = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", "-c", source],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines.count("started") == 1  # a restart would throw the session away
+    assert "malloc glibc" in lines
+    assert "jemalloc_mapped False" in lines
+    assert "not restarting this IPython / Jupyter session on jemalloc" in run.stderr
+    assert "LD_PRELOAD=" in run.stderr
+
+
+@needs_jemalloc
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_jax_and_torch_restart_once_on_jemalloc_that_keeps_freed_memory(backend):
     starts, fields = run_child(backend, jemalloc=True)
