@@ -432,7 +432,7 @@ class TransformerBlock(keras.layers.Layer):
 
     def _drop_path(self, branch, training):
         # Not called at rate 0 (all of pre-training): every layer call costs the torch
-        # backend ~0.15 ms of Python, a step's bound on a GPU (README, Speed).
+        # backend ~0.15 ms of Python, a step's bound on a GPU (benchmarks/README.md, On a GPU).
         return self.drop_path(branch, training=training) if self.drop_path_rate else branch
 
     def get_config(self):
