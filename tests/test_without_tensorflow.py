@@ -40,7 +40,6 @@ CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
     import keras, keras_mae
-    from keras_mae.memory import malloc_in_use
 
     try:
         import tensorflow
