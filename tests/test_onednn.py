@@ -15,6 +15,8 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch", reason="a to
 def onednn_setting(monkeypatch):
     """Sets KERAS_MAE_ONEDNN_LINEAR for one test and forgets the cached decision after it."""
 
+    monkeypatch.setattr(onednn, "MIN_MULTIPLY_ADDS", 0)  # these tests' layers are tiny
+
     def choose(value):
         monkeypatch.setenv(onednn.ENV_VARIABLE, value)
         onednn.onednn_linear_enabled.cache_clear()
@@ -107,6 +109,19 @@ def test_dense_uses_onednn_only_when_enabled_and_matches_keras_dense(onednn_sett
     np.testing.assert_allclose(ours.kernel.value.grad.numpy(), keras_dense.kernel.value.grad.numpy(), rtol=1e-5)
     with torch.no_grad():
         assert onednn_calls(lambda: ours(x)) == (1 if enabled == "1" else 0)
+
+
+def test_small_matmuls_keep_torchs_path(onednn_setting, monkeypatch):
+    # oneDNN's fixed cost per call outweighs its faster kernels below MIN_MULTIPLY_ADDS.
+    needs_onednn()
+    onednn_setting("1")
+    monkeypatch.setattr(onednn, "MIN_MULTIPLY_ADDS", 1 << 25)
+    layer = Dense(512)
+    small, large = np.ones((64, 512), "float32"), np.ones((128, 512), "float32")  # 2^24 and 2^25
+    layer.build(small.shape)
+    assert onednn_calls(lambda: layer(small)) == 0
+    assert onednn_calls(lambda: layer(large)) == 1
+    np.testing.assert_allclose(layer(small).detach().numpy(), layer(large).detach().numpy()[:64], rtol=1e-5, atol=1e-5)
 
 
 def test_dense_keeps_keras_path_in_bfloat16(onednn_setting):
