@@ -132,19 +132,33 @@ class Unpatchify(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_mae")
 class Dense(keras.layers.Dense):
-    """`keras.layers.Dense` whose float32 matmul under torch on a CPU goes through
-    oneDNN where torch's default, MKL, is slow (non-Intel x86: 1.7x the training steps
-    of configuration T on an AMD EPYC; `keras_mae.onednn`). Everywhere else, and with
-    LoRA or quantization, it is Keras' own layer. The ViT's every projection is one."""
+    """`keras.layers.Dense` that is one torch op on the torch backend.
+
+    Keras' torch Dense is a matmul and an add, each behind Keras' dtype bookkeeping;
+    torch's `linear` adds the bias inside the matmul (one kernel, one launch: on a GPU
+    an eager step waits on launches and Python). Its float32 matmuls on a CPU go through
+    oneDNN where torch's default, MKL, is slow (non-Intel x86: 1.7x the training steps of
+    configuration T on an AMD EPYC; `keras_mae.onednn`). The other backends, mixed input
+    dtypes and quantization (Keras' `quantized_call`) keep Keras' own layer. The ViT's
+    every projection is one."""
 
     def call(self, inputs, training=None):
         if keras.backend.backend() == "torch":
             kernel = ops.convert_to_tensor(self.kernel)  # with LoRA's update, if enabled
-            if onednn.onednn_linear_applies(inputs, kernel):
-                bias = None if self.bias is None else ops.convert_to_tensor(self.bias)
-                outputs = onednn.linear(inputs, kernel, bias)
+            bias = None if self.bias is None else ops.convert_to_tensor(self.bias)
+            if ops.is_tensor(inputs) and inputs.dtype == kernel.dtype == (kernel if bias is None else bias).dtype:
+                if onednn.onednn_linear_applies(inputs, kernel):
+                    outputs = onednn.linear(inputs, kernel, bias)
+                else:
+                    outputs = _torch_linear(inputs, kernel, bias)
                 return outputs if self.activation is None else self.activation(outputs)
         return super().call(inputs, training=training)
+
+
+def _torch_linear(inputs, kernel, bias):
+    import torch
+
+    return torch.nn.functional.linear(inputs, kernel.t(), bias)
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
