@@ -8,6 +8,8 @@ constructor arguments from `get_config`.
 import keras
 import numpy as np
 from keras import ops
+# Keras exports no public handle on the autocast scope its `Layer.__call__` sets.
+from keras.src.backend.common.variables import AutocastScope, get_autocast_scope
 
 from keras_mae import onednn
 from keras_mae.masking import gather_tokens
@@ -284,6 +286,40 @@ def per_token(function, x):
     return ops.reshape(y, (-1, tokens, y.shape[-1]))
 
 
+def call_sublayer(layer, inputs, **kwargs):
+    """`layer(inputs, **kwargs)` for a built sublayer, on torch without Keras' `Layer.__call__`.
+
+    The torch backend runs every step eagerly, and each `Layer.__call__` costs about
+    0.1 ms of Python (input conversion, call context, name scope, torch's module hooks):
+    a ViT block's seven sublayers make a step at the paper's sizes wait on the CPU while
+    the GPU idles. Inside a block the sublayers are built, see inputs already in their
+    compute dtype and need none of that, so this calls their `call` with the same
+    autocast scope `__call__` would set. Anything else (other backends, which trace the
+    call once; unbuilt, quantized or rematerialised layers; activity regularizers; an
+    input of another dtype; symbolic inputs) takes the full `layer(...)`.
+    """
+    if not _direct_call_applies(layer, inputs):
+        return layer(inputs, **kwargs)
+    if not layer.autocast and get_autocast_scope() is not None:
+        with AutocastScope(None):  # as `__call__` does for layers that compute in float32
+            return layer.call(inputs, **kwargs)
+    return layer.call(inputs, **kwargs)
+
+
+def _direct_call_applies(layer, inputs):
+    if keras.backend.backend() != "torch" or not layer.built or not keras.ops.is_tensor(inputs):
+        return False
+    if layer.quantization_mode is not None or layer.activity_regularizer is not None:
+        return False
+    if getattr(layer, "_remat_mode", None) is not None:
+        return False
+    if not layer.autocast:
+        return True
+    scope = get_autocast_scope()
+    scope_dtype = layer.variable_dtype if scope is None else scope.dtype
+    return scope_dtype == layer.compute_dtype == keras.backend.standardize_dtype(inputs.dtype)
+
+
 def gelu(x):
     """Exact (erf) GELU, as the official MAE's `nn.GELU()`.
 
@@ -384,9 +420,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     def call(self, x):
         width = x.shape[-1]
         head_dim = width // self.num_heads
-        qkv = ops.reshape(per_token(self.qkv, x), (ops.shape(x)[0], -1, 3, self.num_heads, head_dim))
-        attended = attention(qkv)  # (B, T, H, Dh)
-        return per_token(self.proj, ops.reshape(attended, (ops.shape(x)[0], -1, width)))
+        qkv = per_token(lambda tokens: call_sublayer(self.qkv, tokens), x)
+        attended = attention(ops.reshape(qkv, (ops.shape(x)[0], -1, 3, self.num_heads, head_dim)))  # (B, T, H, Dh)
+        return per_token(lambda tokens: call_sublayer(self.proj, tokens), ops.reshape(attended, (ops.shape(x)[0], -1, width)))
 
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "qkv_bias": self.qkv_bias}
@@ -440,14 +476,17 @@ class TransformerBlock(keras.layers.Layer):
         self.mlp_output.build(input_shape[:-1] + (int(width * self.mlp_ratio),))
 
     def call(self, x, training=None):
-        x = x + self._drop_path(self.attention(self.norm1(x)), training)
-        mlp = per_token(lambda tokens: self.mlp_output(gelu(self.mlp_hidden(self.norm2(tokens)))), x)
+        x = x + self._drop_path(call_sublayer(self.attention, call_sublayer(self.norm1, x)), training)
+        mlp = per_token(self._mlp, x)
         return x + self._drop_path(mlp, training)
 
+    def _mlp(self, tokens):
+        hidden = gelu(call_sublayer(self.mlp_hidden, call_sublayer(self.norm2, tokens)))
+        return call_sublayer(self.mlp_output, hidden)
+
     def _drop_path(self, branch, training):
-        # Not called at rate 0 (all of pre-training): every layer call costs the torch
-        # backend ~0.15 ms of Python, a step's bound on a GPU (benchmarks/README.md, On a GPU).
-        return self.drop_path(branch, training=training) if self.drop_path_rate else branch
+        # Not called at rate 0 (all of pre-training), where it would return its input.
+        return call_sublayer(self.drop_path, branch, training=training) if self.drop_path_rate else branch
 
     def get_config(self):
         return {
@@ -478,6 +517,7 @@ __all__ = [
     "sincos_position_table",
     "drop_path_rates",
     "attention",
+    "call_sublayer",
     "gelu",
     "per_token",
 ]

@@ -4,6 +4,9 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from keras.src.backend.common.variables import AutocastScope
+
+import keras_mae.layers
 
 from keras_mae.layers import (
     Dense,
@@ -15,6 +18,7 @@ from keras_mae.layers import (
     TransformerBlock,
     Unpatchify,
     attention,
+    call_sublayer,
     gelu,
     patch_grid,
     per_token,
@@ -207,6 +211,79 @@ def test_transformer_block_drops_its_branches_only_at_a_nonzero_rate_while_train
     assert 0.6 < unchanged.mean() < 0.97
     assert not np.any(np.all(to_numpy(block(x, training=False)) == x, axis=(1, 2)))
 
+
+
+def count_layer_calls(monkeypatch):
+    """Counts `keras.layers.Layer.__call__` invocations from now on."""
+    calls = []
+    original = keras.layers.Layer.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_block_gives_the_same_results_whether_its_sublayers_are_called_directly_or_not(monkeypatch, policy):
+    # On torch a block calls its sublayers' `call` without Keras' `Layer.__call__`
+    # (`call_sublayer`); forcing the full call must not change a bit, in float32 or
+    # under mixed precision, where the layer norms keep float32 parameters.
+    block = TransformerBlock(2, drop_path_rate=0.5, seed=3, dtype=policy)
+    x = np.random.default_rng(7).random((8, 5, 8), dtype=np.float32)
+    block.build(x.shape)
+    state = to_numpy(block.drop_path.seed_generator.state)
+
+    def run():
+        block.drop_path.seed_generator.state.assign(state)  # the same drop-path draws
+        outputs = to_numpy(ops.cast(block(x, training=True), "float32"))
+        grads = gradient(lambda t: ops.sum(ops.cast(block(t, training=False), "float32") ** 2), x)
+        return outputs, grads
+
+    calls = count_layer_calls(monkeypatch)
+    direct = run()
+    direct_calls = len(calls)
+    monkeypatch.setattr(keras_mae.layers, "_direct_call_applies", lambda layer, inputs: False)
+    del calls[:]
+    full = run()
+    np.testing.assert_array_equal(direct[0], full[0])
+    np.testing.assert_array_equal(direct[1], full[1])
+    # Per block call: the block, 2 norms, the attention and its 2 projections, 2 MLP
+    # layers and drop path on each branch; on torch only the block's own goes through Keras.
+    assert len(calls) == 2 * 10
+    assert direct_calls == (2 if keras.backend.backend() == "torch" else 2 * 10)
+
+
+def test_call_sublayer_falls_back_to_the_full_call_where_that_does_more():
+    x = ops.convert_to_tensor(np.random.default_rng(8).random((3, 4), dtype=np.float32))
+    fresh = Dense(5)
+    np.testing.assert_array_equal(to_numpy(call_sublayer(fresh, x)), to_numpy(fresh(x)))  # builds first
+    half = ops.cast(x, "float16")
+    assert keras.backend.standardize_dtype(call_sublayer(fresh, half).dtype) == "float32"  # input cast
+    symbolic = call_sublayer(fresh, keras.Input((4,)))
+    assert isinstance(symbolic, keras.KerasTensor) and tuple(symbolic.shape) == (None, 5)
+    quantized = Dense(5)
+    quantized.build((None, 4))
+    quantized.quantize("int8", type_check=False)
+    np.testing.assert_array_equal(to_numpy(call_sublayer(quantized, x)), to_numpy(quantized(x)))
+    regularized = Dense(5, activity_regularizer="l2")
+    regularized.build((None, 4))
+    call_sublayer(regularized, x)
+    assert len(regularized.losses) == 1
+    relu = keras.layers.Activation("relu")
+    relu.build((None, 4))
+    assert keras.backend.standardize_dtype(call_sublayer(relu, half).dtype) == "float32"  # input cast
+    # Inside a bfloat16 autocast scope (a mixed-precision parent): a float32 layer and one
+    # that does not autocast read their variables in float32, as `__call__` sets it.
+    float32_dense = Dense(5)
+    float32_dense.build((None, 4))
+    no_autocast = keras.layers.Dense(5, dtype="mixed_bfloat16", autocast=False)
+    no_autocast.build((None, 4))
+    for layer in (float32_dense, no_autocast):
+        with AutocastScope("bfloat16"):
+            np.testing.assert_array_equal(to_numpy(call_sublayer(layer, x)), to_numpy(layer(x)))
 
 LAYER_CASES = [
     (lambda: Dense(6, activation="relu", use_bias=False), (2, 4, 8)),
