@@ -285,6 +285,25 @@ def test_call_sublayer_falls_back_to_the_full_call_where_that_does_more():
         with AutocastScope("bfloat16"):
             np.testing.assert_array_equal(to_numpy(call_sublayer(layer, x)), to_numpy(layer(x)))
 
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_dense_matches_keras_dense_with_and_without_lora(policy):
+    # On torch `Dense` is one torch linear (or oneDNN's); LoRA's update must reach it.
+    x = np.random.default_rng(9).normal(size=(3, 4, 8)).astype("float32")
+    ours, theirs = Dense(6, dtype=policy), keras.layers.Dense(6, dtype=policy)
+    ours.build(x.shape), theirs.build(x.shape)
+    theirs.set_weights(ours.get_weights())
+    tolerance = dict(rtol=1e-5, atol=1e-5) if policy == "float32" else dict(rtol=2e-2, atol=2e-2)
+    as_float = lambda y: to_numpy(ops.cast(y, "float32"))
+    np.testing.assert_allclose(as_float(ours(x)), as_float(theirs(x)), **tolerance)
+    for layer in (ours, theirs):
+        layer.enable_lora(2)
+        layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.5, "float32"))
+    theirs.lora_kernel_a.assign(ours.lora_kernel_a)
+    with_lora = as_float(ours(x))
+    np.testing.assert_allclose(with_lora, as_float(theirs(x)), **tolerance)
+    assert np.abs(with_lora - as_float(ops.matmul(x, ours._kernel) + ours.bias)).max() > 0.1
+
 LAYER_CASES = [
     (lambda: Dense(6, activation="relu", use_bias=False), (2, 4, 8)),
     (lambda: Patchify((2, 4)), (2, 8, 8, 3)),
