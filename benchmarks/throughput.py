@@ -38,6 +38,10 @@ CONFIGS = {
               encoder_num_heads=3, decoder_width=128, decoder_depth=2, decoder_num_heads=4),
     "B": dict(image_size=224, patch_size=16, num_channels=3, encoder_width=768, encoder_depth=12,
               encoder_num_heads=12, decoder_width=512, decoder_depth=8, decoder_num_heads=16),
+    # B's 20 blocks with almost no arithmetic (width 96, 32 px, batch 1): a step bound by
+    # Python and op dispatch, as an eager step at B's sizes is on a GPU, measurable on a CPU.
+    "D": dict(image_size=32, patch_size=16, num_channels=3, encoder_width=96, encoder_depth=12,
+              encoder_num_heads=12, decoder_width=96, decoder_depth=8, decoder_num_heads=16),
 }
 
 
@@ -119,7 +123,8 @@ def parse_args(argv=None):
                         help="A comparison configuration instead of --preset: K = the keras.io example's sizes "
                              "(48 px, patch 6, encoder 6 x 128, decoder 2 x 64, 4 heads), T = ViT-Tiny-like on "
                              "32 px (patch 4, encoder 12 x 192, 3 heads, decoder 2 x 128), B = ViT-B/16 at 224 px "
-                             "with the 8 x 512 decoder.")
+                             "with the 8 x 512 decoder, D = B's blocks at width 96 on 32 px (run it at batch 1: "
+                             "a step bound by Python and op dispatch, as an eager GPU step is).")
     parser.add_argument("--dtype-policy", default="float32",
                         help="Keras dtype policy: float32, mixed_bfloat16 or mixed_float16 (default: %(default)s).")
     parser.add_argument("--steps-per-execution", type=int, default=1,
