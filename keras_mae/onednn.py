@@ -101,7 +101,8 @@ def _linear_function():
         def backward(ctx, grad):
             x, kernel = ctx.saved_tensors
             # `y.sum()` sends back a stride-0 view of one value, which oneDNN multiplies
-            # some 1000x slower than the same values laid out (2 ms -> 7 s at T's sizes).
+            # some 360x slower than the same values laid out (a (4352, 192) @ (192, 576)
+            # forward and backward: 7 s against 20 ms).
             grad = grad.contiguous()
             grad_x = grad_kernel = grad_bias = None
             if ctx.needs_input_grad[0]:
