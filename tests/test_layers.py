@@ -7,7 +7,6 @@ from keras import ops
 from keras.src.backend.common.variables import AutocastScope
 
 import keras_mae.layers
-
 from keras_mae.layers import (
     Dense,
     DropPath,
@@ -212,7 +211,6 @@ def test_transformer_block_drops_its_branches_only_at_a_nonzero_rate_while_train
     assert not np.any(np.all(to_numpy(block(x, training=False)) == x, axis=(1, 2)))
 
 
-
 def count_layer_calls(monkeypatch):
     """Counts `keras.layers.Layer.__call__` invocations from now on."""
     calls = []
@@ -303,6 +301,7 @@ def test_dense_matches_keras_dense_with_and_without_lora(policy):
     with_lora = as_float(ours(x))
     np.testing.assert_allclose(with_lora, as_float(theirs(x)), **tolerance)
     assert np.abs(with_lora - as_float(ops.matmul(x, ours._kernel) + ours.bias)).max() > 0.1
+
 
 LAYER_CASES = [
     (lambda: Dense(6, activation="relu", use_bias=False), (2, 4, 8)),
