@@ -166,6 +166,15 @@ def test_per_token_matches_applying_a_dense_to_the_sequence():
     np.testing.assert_allclose(to_numpy(per_token(dense, x)), to_numpy(dense(x)), rtol=1e-5, atol=1e-6)
 
 
+def test_per_token_hands_torch_the_sequence_and_xla_one_matrix():
+    seen = []
+    x = ops.convert_to_tensor(np.random.default_rng(5).random((3, 7, 6), dtype=np.float32))
+    y = per_token(lambda tokens: seen.append(tuple(tokens.shape)) or tokens * 2.0, x)
+    assert seen == ([(3, 7, 6)] if keras.backend.backend() == "torch" else [(21, 6)])
+    assert tuple(y.shape) == (3, 7, 6)
+    np.testing.assert_array_equal(to_numpy(y), 2 * to_numpy(x))
+
+
 def test_embedding_only_chosen_patches_equals_gathering_them_afterwards():
     patches, positions = PatchEmbedding(4, 8), SinCosPositionEmbedding((2, 2))
     images = np.random.default_rng(5).random((2, 8, 8, 3), dtype=np.float32)
