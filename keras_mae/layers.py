@@ -184,15 +184,16 @@ class PatchEmbedding(keras.layers.Layer):
         self.projection = Dense(width, dtype=self.dtype_policy, name="projection")
 
     def build(self, input_shape):
+        self.patchify.build(input_shape)
         self.projection.build(self.patchify.compute_output_shape(input_shape))
 
     def call(self, images, patch_ids=None):
         """`patch_ids` `(batch, K)`: embed only those patches (MAE pre-training projects
         only what the encoder will see, a quarter of the work at mask ratio 0.75)."""
-        patches = self.patchify(images)
+        patches = call_sublayer(self.patchify, images)
         if patch_ids is not None:
             patches = gather_tokens(patches, patch_ids)
-        return per_token(self.projection, patches)
+        return per_token(lambda tokens: call_sublayer(self.projection, tokens), patches)
 
     def compute_output_shape(self, input_shape):
         return self.patchify.compute_output_shape(input_shape)[:2] + (self.width,)

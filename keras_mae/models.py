@@ -19,6 +19,7 @@ from keras_mae.layers import (
     TransformerBlock,
     Unpatchify,
     _pair,
+    call_sublayer,
     drop_path_rates,
     patch_grid,
     per_token,
@@ -183,8 +184,8 @@ class MAEEncoder(keras.Model):
         """Images `(B, H, W, C)` -> patch tokens with positions `(B, N, D)`, or only the
         patches `patch_ids` `(B, K)` -> `(B, K, D)`."""
         self.check_images(images.shape)
-        tokens = self.patch_embedding(images, patch_ids=patch_ids)
-        return self.position_embedding(tokens, patch_ids=patch_ids)
+        tokens = call_sublayer(self.patch_embedding, images, patch_ids=patch_ids)
+        return call_sublayer(self.position_embedding, tokens, patch_ids=patch_ids)
 
     def encode(self, tokens, training=None):
         """Tokens `(B, T, D)` (any subset of patches) -> `(B, 1 + T, D)`, class token first."""
@@ -192,8 +193,8 @@ class MAEEncoder(keras.Model):
         class_token = ops.broadcast_to(class_token, (ops.shape(tokens)[0], 1, self.width))
         x = ops.concatenate([class_token, tokens], axis=1)
         for block in self.blocks:
-            x = block(x, training=training)
-        return self.norm(x)
+            x = call_sublayer(block, x, training=training)
+        return call_sublayer(self.norm, x)
 
     def call(self, images, training=None):
         return self.encode(self.embed(images), training=training)
@@ -298,7 +299,7 @@ class MAEDecoder(keras.Model):
 
         Without `ids_restore` the latent must already hold all N patches in image order.
         """
-        x = per_token(self.embed, latent)  # (B, 1 + K, Dd)
+        x = per_token(lambda tokens: call_sublayer(self.embed, tokens), latent)  # (B, 1 + K, Dd)
         class_token, patches = x[:, :1], x[:, 1:]
         if ids_restore is not None:
             if not self.use_mask_token:
@@ -308,10 +309,11 @@ class MAEDecoder(keras.Model):
                 ops.cast(self.mask_token, x.dtype), (ops.shape(x)[0], num_missing, self.width)
             )
             patches = unshuffle(ops.concatenate([patches, mask_tokens], axis=1), ids_restore)
-        x = ops.concatenate([class_token, self.position_embedding(patches)], axis=1)
+        x = ops.concatenate([class_token, call_sublayer(self.position_embedding, patches)], axis=1)
         for block in self.blocks:
-            x = block(x, training=training)
-        return per_token(lambda tokens: self.head(self.norm(tokens)), x)[:, 1:]  # (B, N, P)
+            x = call_sublayer(block, x, training=training)
+        pixels = per_token(lambda tokens: call_sublayer(self.head, call_sublayer(self.norm, tokens)), x)
+        return pixels[:, 1:]  # (B, N, P)
 
     def get_config(self):
         return {
@@ -463,11 +465,11 @@ class MaskedAutoencoder(CompiledSteps, keras.Model):
             table = ops.cast(self.encoder.position_embedding.table, tokens.dtype)[None]
             filler = ops.cast(self.encoder_mask_token, tokens.dtype) + table  # (1, N, D)
             tokens = ops.where(ops.expand_dims(mask, -1) > 0, filler, tokens)
-            pred = self.decoder(self.encoder.encode(tokens, training=training), training=training)
+            pred = call_sublayer(self.decoder, self.encoder.encode(tokens, training=training), training=training)
         else:
             kept = self.encoder.embed(images, patch_ids=ids_keep)  # (B, K, D), only what is seen
             latent = self.encoder.encode(kept, training=training)  # (B, 1 + K, D)
-            pred = self.decoder(latent, ids_restore, training=training)
+            pred = call_sublayer(self.decoder, latent, ids_restore=ids_restore, training=training)
         return {"pred": pred, "mask": mask, "ids_restore": ids_restore}
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

@@ -28,6 +28,19 @@ def random_images(batch=4, size=16, channels=3, seed=0):
     return np.random.default_rng(seed).random((batch, size, size, channels), dtype=np.float32)
 
 
+def count_layer_calls(monkeypatch):
+    """Counts `keras.layers.Layer.__call__` invocations from now on."""
+    calls = []
+    original = keras.layers.Layer.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", counting)
+    return calls
+
+
 @pytest.fixture
 def images():
     return random_images()

@@ -7,6 +7,7 @@ from keras import ops
 from keras.src.backend.common.variables import AutocastScope
 
 import keras_mae.layers
+from conftest import count_layer_calls
 from keras_mae.layers import (
     Dense,
     DropPath,
@@ -218,19 +219,6 @@ def test_transformer_block_drops_its_branches_only_at_a_nonzero_rate_while_train
     unchanged = np.all(to_numpy(block(x, training=True)) == x, axis=(1, 2))
     assert 0.6 < unchanged.mean() < 0.97
     assert not np.any(np.all(to_numpy(block(x, training=False)) == x, axis=(1, 2)))
-
-
-def count_layer_calls(monkeypatch):
-    """Counts `keras.layers.Layer.__call__` invocations from now on."""
-    calls = []
-    original = keras.layers.Layer.__call__
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.name)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(keras.layers.Layer, "__call__", counting)
-    return calls
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])

@@ -4,7 +4,8 @@ import pytest
 from keras import ops
 
 import keras_mae
-from conftest import TINY, random_images, tiny_mae
+import keras_mae.layers
+from conftest import TINY, count_layer_calls, random_images, tiny_mae
 
 
 def test_call_returns_predictions_and_mask(images):
@@ -194,6 +195,30 @@ def test_mixed_precision_matches_float32_within_tolerance(images):
                                ops.convert_to_numpy(want["pred"]), atol=0.1, rtol=0.05)
     loss = lambda model, out: float(ops.convert_to_numpy(model.compute_loss(images, None, out)))  # noqa: E731
     assert loss(mixed, got) == pytest.approx(loss(reference, want), rel=0.02)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_a_training_step_is_the_same_whether_sublayers_are_called_directly_or_not(monkeypatch, images, policy):
+    # On torch the models call their built sublayers' `call` without Keras'
+    # `Layer.__call__` (`keras_mae.layers.call_sublayer`); that must not change a bit of
+    # a training step, and only the model's own call goes through Keras.
+    direct, full = tiny_mae(dtype=policy), tiny_mae(dtype=policy)
+    full.set_weights(direct.get_weights())
+    for model in (direct, full):
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+    calls = count_layer_calls(monkeypatch)
+    direct(images, training=True)
+    if keras.backend.backend() == "torch":
+        assert calls == [direct.name]
+    else:  # traced once per step function: the full calls cost nothing per step
+        assert {"block_0", "decoder"} <= set(calls)
+    full(images, training=True)  # the same masking draws from here on
+    losses = [direct.train_on_batch(images)]
+    monkeypatch.setattr(keras_mae.layers, "_direct_call_applies", lambda layer, inputs: False)
+    losses.append(full.train_on_batch(images))
+    assert losses[0] == losses[1]
+    for mine, theirs in zip(direct.get_weights(), full.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def test_compiled_and_eager_forward_passes_agree():
