@@ -297,12 +297,14 @@ def call_sublayer(layer, inputs, **kwargs):
 
     The torch backend runs every step eagerly, and each `Layer.__call__` costs about
     0.1 ms of Python (input conversion, call context, name scope, torch's module hooks):
-    a ViT block's seven sublayers make a step at the paper's sizes wait on the CPU while
-    the GPU idles. Inside a block the sublayers are built, see inputs already in their
-    compute dtype and need none of that, so this calls their `call` with the same
-    autocast scope `__call__` would set. Anything else (other backends, which trace the
-    call once; unbuilt, quantized or rematerialised layers; activity regularizers; an
-    input of another dtype; symbolic inputs) takes the full `layer(...)`.
+    a ViT block's seven sublayers, and the MAE's blocks, norms, embeddings and decoder
+    around them, make a step at the paper's sizes wait on the CPU while the GPU idles.
+    Inside a built layer its sublayers are built, see inputs already in their compute
+    dtype and need none of that, so this calls their `call` with the same autocast scope
+    `__call__` would set; a model's own call is then the only one through Keras.
+    Anything else (other backends, which trace the call once; unbuilt, quantized or
+    rematerialised layers; activity regularizers; an input of another dtype; symbolic
+    inputs) takes the full `layer(...)`.
     """
     if not _direct_call_applies(layer, inputs):
         return layer(inputs, **kwargs)
