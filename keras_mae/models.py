@@ -431,8 +431,10 @@ class MaskedAutoencoder(CompiledSteps, keras.Model):
         self.masking = RandomMasking(
             self.encoder.grid_size, mask_ratio, mask_sampling, seed=seed, name="masking"
         )
-        self.patchify = Patchify(patch_size, name="patchify")
-        self.unpatchify = Unpatchify(image_size, patch_size, name="unpatchify")
+        # The loss targets and the pictures `reconstruct` returns stay float32 under a
+        # global mixed policy (train.py's --dtype-policy), which would round them to bf16.
+        self.patchify = Patchify(patch_size, dtype="float32", name="patchify")
+        self.unpatchify = Unpatchify(image_size, patch_size, dtype="float32", name="unpatchify")
         self.build((None, *_pair(image_size, "image_size"), num_channels))
 
     def build(self, input_shape):

@@ -197,6 +197,20 @@ def test_mixed_precision_matches_float32_within_tolerance(images):
     assert loss(mixed, got) == pytest.approx(loss(reference, want), rel=0.02)
 
 
+def test_loss_targets_stay_float32_under_a_global_mixed_policy(images):
+    # train.py sets the policy globally; the pixels the loss compares against must not
+    # be rounded to bfloat16 on the way.
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mae = tiny_mae()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    targets = mae.patchify(images)
+    assert keras.backend.standardize_dtype(targets.dtype) == "float32"
+    exact = images.reshape(4, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(4, 16, 48)
+    np.testing.assert_array_equal(ops.convert_to_numpy(targets), exact)
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_a_training_step_is_the_same_whether_sublayers_are_called_directly_or_not(monkeypatch, images, policy):
     # On torch the models call their built sublayers' `call` without Keras'
