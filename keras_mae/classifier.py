@@ -13,6 +13,7 @@ import keras
 from keras import ops
 
 from keras_mae.models import CompiledSteps, MAEEncoder, MaskedAutoencoder
+from keras_mae.quantization import KeepsQuantization
 
 POOLINGS = ("avg", "token")
 MODES = ("linear", "partial", "full")
@@ -56,7 +57,7 @@ def pool_tokens(tokens, pooling="avg"):
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
-class ViTClassifier(CompiledSteps, keras.Model):
+class ViTClassifier(KeepsQuantization, CompiledSteps, keras.Model):
     """Images -> class probabilities with an `MAEEncoder` and a linear head.
 
     Args:
@@ -175,7 +176,7 @@ class ViTClassifier(CompiledSteps, keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        return cls(**config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"], custom_objects=custom_objects)
+        return super().from_config(config, custom_objects=custom_objects)

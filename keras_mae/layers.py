@@ -156,6 +156,11 @@ class Dense(keras.layers.Dense):
                 return outputs if self.activation is None else self.activation(outputs)
         return super().call(inputs, training=training)
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras quantizes no subclass of Dense unless told to: this one changes only how
+        # the float call runs, and once quantized it runs Keras' own `quantized_call`.
+        super().quantize(mode, type_check=False, config=config)
+
 
 def _torch_linear(inputs, kernel, bias):
     import torch

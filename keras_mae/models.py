@@ -27,6 +27,7 @@ from keras_mae.layers import (
 from keras_mae.losses import NORM_PIX_EPSILON, masked_patch_loss, patch_statistics
 from keras_mae.masking import RandomMasking, check_mask_ratio, unshuffle
 from keras_mae.presets import check_preset
+from keras_mae.quantization import KeepsQuantization
 
 
 def token_initializer():
@@ -91,7 +92,7 @@ def _blocks(depth, num_heads, mlp_ratio, drop_path_rate, epsilon, seed, policy, 
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
-class MAEEncoder(keras.Model):
+class MAEEncoder(KeepsQuantization, keras.Model):
     """The Vision Transformer encoder: images -> tokens `(B, 1 + N, D)`, class token first.
 
     Called on images it runs on every patch (features for downstream use). Pre-training
@@ -219,7 +220,7 @@ class MAEEncoder(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
-class MAEDecoder(keras.Model):
+class MAEDecoder(KeepsQuantization, keras.Model):
     """The lightweight decoder: encoded kept tokens -> pixels of every patch `(B, N, P)`.
 
     Projects the encoder's tokens to its own width, appends one shared learned mask
@@ -332,7 +333,7 @@ class MAEDecoder(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
-class MaskedAutoencoder(CompiledSteps, keras.Model):
+class MaskedAutoencoder(KeepsQuantization, CompiledSteps, keras.Model):
     """Masked Autoencoder (He et al., 2021) that pre-trains a ViT with plain `fit`.
 
     `mae(images)` masks each image, encodes the kept patches, decodes every patch and
@@ -445,6 +446,11 @@ class MaskedAutoencoder(CompiledSteps, keras.Model):
                 initializer=token_initializer(),
                 name="encoder_mask_token",
             )
+        # Weightless, but built: `quantize` stops at any unbuilt layer inside a model.
+        patch = self.decoder.head.units
+        self.patchify.build(input_shape)
+        self.unpatchify.build((None, self.encoder.num_patches, patch))
+        self.masking.build((None, self.encoder.num_patches, self.encoder_width))
         self.built = True
 
     @classmethod

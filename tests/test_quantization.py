@@ -1,0 +1,98 @@
+"""`model.quantize` reaches every Dense layer of keras-mae's models, and a quantized
+model saves and loads as it was."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_mae
+from conftest import TINY, random_images, tiny_mae
+from keras_mae.quantization import requantize
+
+
+def make(kind):
+    if kind == "encoder":
+        return tiny_mae().encoder
+    if kind == "classifier":
+        return keras_mae.ViTClassifier(tiny_mae().encoder, num_classes=3, probe_norm=True)
+    return tiny_mae()
+
+
+def outputs(model, images):
+    if isinstance(model, keras_mae.MaskedAutoencoder):
+        noise = np.random.default_rng(1).random((len(images), model.encoder.num_patches), dtype=np.float32)
+        return ops.convert_to_numpy(model(images, noise=noise)["pred"])
+    return ops.convert_to_numpy(model(images))
+
+
+def quantize(model, mode="int8", config=None):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        model.quantize(mode, config=config)
+
+
+def dense_layers(model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense)]
+
+
+@pytest.mark.parametrize("kind", ["encoder", "classifier", "mae"])
+def test_quantize_reaches_every_dense_layer_and_stays_close(kind):
+    model = make(kind)
+    images = random_images()
+    before = outputs(model, images)
+    quantize(model)
+    layers = dense_layers(model)
+    # Encoder: the patch projection and four per block; the MAE adds the decoder's.
+    assert len(layers) >= 1 + 4 * TINY["encoder_depth"]
+    for layer in layers:
+        assert layer.quantization_mode == "int8", layer.path
+        assert keras.backend.standardize_dtype(layer.kernel.dtype) == "int8", layer.path
+    after = outputs(model, images)
+    assert not np.array_equal(after, before)
+    assert np.abs(after - before).max() <= 0.1 * np.abs(before).max()
+
+
+@pytest.mark.parametrize(
+    "kind, mode",
+    [("encoder", "int8"), ("encoder", "int4"), ("encoder", "float8"), ("classifier", "int8"), ("mae", "int8")],
+)
+def test_quantized_model_saves_and_loads_identically(tmp_path, kind, mode):
+    model = make(kind)
+    images = random_images()
+    quantize(model, mode)
+    expected = outputs(model, images)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert {layer.path: layer.quantization_mode for layer in dense_layers(loaded)} == \
+        {layer.path: layer.quantization_mode for layer in dense_layers(model)}
+    np.testing.assert_array_equal(outputs(loaded, images), expected)
+
+
+def test_quantization_config_is_kept(tmp_path):
+    # Weight-only int8: no activation quantizer, so the outputs differ from the default's.
+    config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    encoder, default = make("encoder"), make("encoder")
+    quantize(encoder, config=config)
+    quantize(default)
+    images = random_images()
+    assert not np.array_equal(outputs(encoder, images), outputs(default, images))
+    encoder.save(tmp_path / "encoder.keras")
+    loaded = keras.saving.load_model(tmp_path / "encoder.keras")
+    for layer in dense_layers(loaded):
+        assert layer.quantization_config.activation_quantizer is None, layer.path
+    np.testing.assert_array_equal(outputs(loaded, images), outputs(encoder, images))
+
+
+def test_a_float_model_config_names_no_quantized_layers():
+    config = make("mae").get_config()
+    assert "quantized_layers" not in config
+    assert keras_mae.MaskedAutoencoder.from_config(config).get_config() == config
+
+
+def test_requantizing_a_layer_the_model_lacks_raises_a_clear_error():
+    encoder = make("encoder")
+    with pytest.raises(ValueError, match=r"no layers \['mae_encoder/block_9/attention/qkv'\]"):
+        requantize(encoder, {"mae_encoder/block_9/attention/qkv": {"mode": "int8", "config": None}})
