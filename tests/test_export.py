@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import keras
@@ -24,6 +25,11 @@ images = np.load(sys.argv[1])
 results = {}
 for kind, path in json.loads(sys.argv[2]).items():
     loaded = tf.saved_model.load(path)
+    stored = tf.train.load_checkpoint(path + "/variables/variables")
+    for name, shape in stored.get_variable_to_shape_map().items():
+        dtype = stored.get_variable_to_dtype_map()[name].name
+        key = f"{kind}/stored_{dtype}"
+        results[key] = results.get(key, 0) + int(np.prod(shape))
     outputs = loaded.signatures["serving_default"](images=tf.constant(images))
     for key, value in outputs.items():
         value = value.numpy()
@@ -57,10 +63,14 @@ def exported(tmp_path_factory):
     classifier = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
     classifier.save(tmp / "classifier.keras")
     paths = {}
-    for kind, source in (("encoder", "mae.keras"), ("reconstructor", "mae.keras"), ("classifier", "classifier.keras")):
-        extra = ["--class-names", "cat,dog,owl"] if kind == "classifier" else []
-        export(tmp / source, "--kind", kind, "--output", tmp / "serving" / kind, *extra)
-        paths[kind] = str(tmp / "serving" / kind / "1")
+    for name, source, kind, extra in (
+        ("encoder", "mae.keras", "encoder", []),
+        ("reconstructor", "mae.keras", "reconstructor", []),
+        ("classifier", "classifier.keras", "classifier", ["--class-names", "cat,dog,owl"]),
+        ("encoder_int8", "mae.keras", "encoder", ["--quantize", "int8"]),
+    ):
+        export(tmp / source, "--kind", kind, "--output", tmp / "serving" / name, *extra)
+        paths[name] = str(tmp / "serving" / name / "1")
     np.save(tmp / "images.npy", images)
     client_env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-c", CLIENT, tmp / "images.npy", json.dumps(paths), tmp / "out.npz"],
@@ -74,6 +84,27 @@ def test_encoder_serving_matches_keras(exported):
     tokens = ops.convert_to_numpy(mae.encoder(images.astype("float32") / 255.0))
     np.testing.assert_allclose(served["encoder/tokens"], tokens, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(served["encoder/features"], tokens[:, 1:].mean(axis=1), atol=1e-5, rtol=1e-5)
+
+
+def test_saved_models_store_each_weight_once(exported):
+    mae, classifier, _, served, _ = exported
+    assert served["encoder/stored_float32"] == mae.encoder.count_params()
+    assert served["classifier/stored_float32"] == classifier.count_params()
+    assert served["reconstructor/stored_float32"] == mae.count_params()
+
+
+def test_int8_encoder_serving_matches_the_quantized_keras_encoder(exported):
+    mae, _, images, served, paths = exported
+    encoder = keras.saving.load_model(Path(paths["encoder"]).parents[2] / "mae.keras").encoder
+    float_tokens = ops.convert_to_numpy(encoder(images.astype("float32") / 255.0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        encoder.quantize("int8")
+    kernels = [layer.kernel for layer in encoder._flatten_layers() if layer.quantization_mode == "int8"]
+    assert served["encoder_int8/stored_int8"] == sum(int(np.prod(kernel.shape)) for kernel in kernels) > 0
+    tokens = ops.convert_to_numpy(encoder(images.astype("float32") / 255.0))
+    np.testing.assert_allclose(served["encoder_int8/tokens"], tokens, atol=1e-4, rtol=1e-4)
+    assert np.abs(tokens - float_tokens).max() > 1e-4  # quantized, not the float model
 
 
 def test_classifier_serving_matches_keras_and_names_classes(exported):
@@ -124,6 +155,10 @@ def test_bad_exports_fail_with_one_line_and_leave_nothing(tmp_path, capsys, expo
     mae_path = Path(exported[4]["encoder"]).parents[2] / "mae.keras"
     classifier_path = mae_path.with_name("classifier.keras")
     (tmp_path / "notes.keras").write_text("hello")
+    quantized = keras.saving.load_model(mae_path).encoder
+    quantized.quantize("int8")
+    quantized_path = tmp_path / "int8.keras"
+    quantized.save(quantized_path)
     cases = [
         ([tmp_path / "notes.keras", "--kind", "encoder"], "is not a loadable .keras model"),
         ([tmp_path / "missing.keras", "--kind", "encoder"], "does not exist"),
@@ -131,6 +166,8 @@ def test_bad_exports_fail_with_one_line_and_leave_nothing(tmp_path, capsys, expo
         ([classifier_path, "--kind", "reconstructor"], "needs a keras-mae MaskedAutoencoder"),
         ([mae_path, "--kind", "decoder"], "--kind must be one of encoder, classifier, reconstructor"),
         ([classifier_path, "--kind", "classifier", "--class-names", "a,b"], "3 outputs but 2 class names"),
+        ([mae_path, "--kind", "encoder", "--quantize", "int2"], "--quantize must be one of int8, int4"),
+        ([quantized_path, "--kind", "encoder", "--quantize", "int8"], "already quantized (int8)"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
