@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 KINDS = ("encoder", "classifier", "reconstructor")
@@ -139,19 +138,6 @@ def build_archive(model, kind, class_names=None):
     return archive
 
 
-def quantize(model, mode):
-    """`model.quantize(mode)` without Keras' warning for each layer that has no weights
-    to quantize (norms, embeddings)."""
-    if mode not in QUANTIZE_MODES:
-        raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}.")
-    already = sorted({layer.quantization_mode for layer in model._flatten_layers() if layer.quantization_mode})
-    if already:
-        raise ExportError(f"The model is already quantized ({', '.join(already)}): export it without --quantize.")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        model.quantize(mode)
-
-
 def export(model_path, kind, output, version=1, overwrite=False, class_names=None, quantize_mode=None):
     """Writes `output/version/` (TensorFlow backend), the weights quantized to
     `quantize_mode` if given; returns that folder."""
@@ -168,7 +154,14 @@ def export(model_path, kind, output, version=1, overwrite=False, class_names=Non
         raise ExportError(f"{target} already exists: pass --overwrite or another --version.")
     model = _load(model_path, kind)
     if quantize_mode is not None:
-        quantize(model, quantize_mode)
+        if quantize_mode not in QUANTIZE_MODES:
+            raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize_mode!r}.")
+        from keras_mae.quantization import quantize
+
+        try:
+            quantize(model, quantize_mode)
+        except ValueError as error:
+            raise ExportError(f"{error} Export it without --quantize.") from None
     if kind == "classifier":
         classes = getattr(model, "num_classes", None) or model.outputs[0].shape[-1]
         class_names = list(class_names or getattr(model, "class_names", None) or [str(i) for i in range(classes)])

@@ -8,6 +8,7 @@ again when the model is rebuilt, before its weights load.
 """
 
 import json
+import warnings
 
 import keras
 
@@ -36,6 +37,17 @@ class KeepsQuantization:
         if quantized:
             requantize(model, quantized)
         return model
+
+
+def quantize(model, mode, config=None):
+    """`model.quantize(mode, config=config)` for a model not yet quantized, without
+    Keras' warning for each layer that has nothing to quantize (norms, embeddings)."""
+    already = sorted({layer.quantization_mode for layer in model._flatten_layers() if layer.quantization_mode})
+    if already:
+        raise ValueError(f"{type(model).__name__} is already quantized ({', '.join(already)}).")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        model.quantize(mode, config=config)
 
 
 def quantized_layers(model):

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import keras
@@ -13,6 +12,7 @@ import pytest
 from keras import ops
 
 from conftest import tiny_mae
+from keras_mae.quantization import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -97,9 +97,7 @@ def test_int8_encoder_serving_matches_the_quantized_keras_encoder(exported):
     mae, _, images, served, paths = exported
     encoder = keras.saving.load_model(Path(paths["encoder"]).parents[2] / "mae.keras").encoder
     float_tokens = ops.convert_to_numpy(encoder(images.astype("float32") / 255.0))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        encoder.quantize("int8")
+    quantize(encoder, "int8")
     kernels = [layer.kernel for layer in encoder._flatten_layers() if layer.quantization_mode == "int8"]
     assert served["encoder_int8/stored_int8"] == sum(int(np.prod(kernel.shape)) for kernel in kernels) > 0
     tokens = ops.convert_to_numpy(encoder(images.astype("float32") / 255.0))
@@ -156,7 +154,7 @@ def test_bad_exports_fail_with_one_line_and_leave_nothing(tmp_path, capsys, expo
     classifier_path = mae_path.with_name("classifier.keras")
     (tmp_path / "notes.keras").write_text("hello")
     quantized = keras.saving.load_model(mae_path).encoder
-    quantized.quantize("int8")
+    quantize(quantized, "int8")
     quantized_path = tmp_path / "int8.keras"
     quantized.save(quantized_path)
     cases = [

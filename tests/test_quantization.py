@@ -1,8 +1,6 @@
 """`model.quantize` reaches every Dense layer of keras-mae's models, and a quantized
 model saves and loads as it was."""
 
-import warnings
-
 import keras
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from keras import ops
 
 import keras_mae
 from conftest import TINY, random_images, tiny_mae
-from keras_mae.quantization import requantize
+from keras_mae.quantization import quantize, requantize
 
 
 def make(kind):
@@ -28,12 +26,6 @@ def outputs(model, images):
     return ops.convert_to_numpy(model(images))
 
 
-def quantize(model, mode="int8", config=None):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        model.quantize(mode, config=config)
-
-
 def dense_layers(model):
     return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense)]
 
@@ -43,7 +35,7 @@ def test_quantize_reaches_every_dense_layer_and_stays_close(kind):
     model = make(kind)
     images = random_images()
     before = outputs(model, images)
-    quantize(model)
+    quantize(model, "int8")
     layers = dense_layers(model)
     # Encoder: the patch projection and four per block; the MAE adds the decoder's.
     assert len(layers) >= 1 + 4 * TINY["encoder_depth"]
@@ -75,8 +67,8 @@ def test_quantization_config_is_kept(tmp_path):
     # Weight-only int8: no activation quantizer, so the outputs differ from the default's.
     config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
     encoder, default = make("encoder"), make("encoder")
-    quantize(encoder, config=config)
-    quantize(default)
+    quantize(encoder, "int8", config=config)
+    quantize(default, "int8")
     images = random_images()
     assert not np.array_equal(outputs(encoder, images), outputs(default, images))
     encoder.save(tmp_path / "encoder.keras")
@@ -90,6 +82,13 @@ def test_a_float_model_config_names_no_quantized_layers():
     config = make("mae").get_config()
     assert "quantized_layers" not in config
     assert keras_mae.MaskedAutoencoder.from_config(config).get_config() == config
+
+
+def test_quantizing_twice_raises_a_clear_error():
+    encoder = make("encoder")
+    quantize(encoder, "int8")
+    with pytest.raises(ValueError, match=r"MAEEncoder is already quantized \(int8\)"):
+        quantize(encoder, "int4")
 
 
 def test_requantizing_a_layer_the_model_lacks_raises_a_clear_error():
