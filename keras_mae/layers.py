@@ -141,7 +141,8 @@ class Dense(keras.layers.Dense):
     an eager step waits on launches and Python). Its float32 matmuls on a CPU go through
     oneDNN where torch's default, MKL, is slow (non-Intel x86: 1.7x the training steps of
     configuration T on an AMD EPYC; `keras_mae.onednn`). The other backends, mixed input
-    dtypes and quantization (Keras' `quantized_call`) keep Keras' own layer. The ViT's
+    dtypes and quantization (Keras' `quantized_call`) keep Keras' own layer, except that
+    torch int8 inference on a CPU multiplies in float32 (`_int8_call`). The ViT's
     every projection is one."""
 
     def call(self, inputs, training=None):
@@ -158,8 +159,62 @@ class Dense(keras.layers.Dense):
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras quantizes no subclass of Dense unless told to: this one changes only how
-        # the float call runs, and once quantized it runs Keras' own `quantized_call`.
+        # the calls run, and once quantized it runs Keras' own `quantized_call`.
         super().quantize(mode, type_check=False, config=config)
+
+    def _int8_call(self, inputs, training=None):
+        if not _int8_matmul_in_float32_applies(self, inputs):
+            return super()._int8_call(inputs, training=training)
+        # Keras' int8 forward pass with its integer matmul done in float32, exactly: on a
+        # CPU Keras' torch backend multiplies int8 in int32, 9-13x slower than a float32
+        # matmul, and torch's `_int_mm` was slower still on an AVX2 CPU. Same bits.
+        quantized, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
+        x = ops.cast(_int8_matmul_in_float32(quantized, ops.convert_to_tensor(self._kernel)), self.compute_dtype)
+        x = ops.divide(x, ops.multiply(ops.convert_to_tensor(self.kernel_scale), inputs_scale))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        return x if self.activation is None else self.activation(x)
+
+
+# float32 holds every integer up to 2**24 exactly, and 1024 products of int8 values sum
+# to at most 1024 * 128**2 = 2**24: a float32 matmul over that depth is an exact integer
+# matmul, whatever order it adds in.
+EXACT_FLOAT32_DEPTH = 1024
+
+
+def _int8_matmul_in_float32(a, b):
+    """`a @ b` for int8 torch tensors `(..., k)` and `(k, n)`, exactly: float32 matmuls
+    over slices of depth `EXACT_FLOAT32_DEPTH`, summed in int32 when there are several."""
+    import torch
+
+    leading, depth = a.shape[:-1], b.shape[0]
+    a = a.reshape(-1, depth)
+    product = None
+    for start in range(0, depth, EXACT_FLOAT32_DEPTH):
+        rows = slice(start, start + EXACT_FLOAT32_DEPTH)
+        part = _float32_matmul(a[:, rows].to(torch.float32), b[rows].to(torch.float32))
+        if depth > EXACT_FLOAT32_DEPTH:
+            part = part.to(torch.int32)
+        product = part if product is None else product + part
+    return product.reshape(*leading, -1)
+
+
+def _float32_matmul(a, b):
+    return onednn.linear(a, b) if onednn.onednn_linear_applies(a, b) else a @ b
+
+
+def _int8_matmul_in_float32_applies(layer, inputs):
+    """Whether `layer`'s int8 forward pass can multiply in float32: torch on a CPU, inputs
+    quantized too, float32 matmuls at full precision, no LoRA, and no gradient to the
+    inputs (Keras' int8 call defines that gradient itself)."""
+    if keras.backend.backend() != "torch" or layer.inputs_quantizer is None or layer.lora_enabled:
+        return False
+    import torch
+
+    return (isinstance(inputs, torch.Tensor) and inputs.device.type == "cpu"
+            and not (torch.is_grad_enabled() and inputs.requires_grad)
+            and torch.get_float32_matmul_precision() == "highest"
+            and torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee"))
 
 
 def _torch_linear(inputs, kernel, bias):

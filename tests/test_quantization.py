@@ -95,3 +95,34 @@ def test_requantizing_a_layer_the_model_lacks_raises_a_clear_error():
     encoder = make("encoder")
     with pytest.raises(ValueError, match=r"no layers \['mae_encoder/block_9/attention/qkv'\]"):
         requantize(encoder, {"mae_encoder/block_9/attention/qkv": {"mode": "int8", "config": None}})
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="the torch backend's int8 inference")
+@pytest.mark.parametrize("dtype, shape", [("float32", (3, 17, 24)), ("mixed_bfloat16", (5, 24)), ("float32", (16, 3072))])
+def test_torch_int8_inference_in_float32_is_keras_int8_call_bit_for_bit(monkeypatch, dtype, shape):
+    import torch
+
+    matmuls = []
+    in_float32 = keras_mae.layers._int8_matmul_in_float32
+    monkeypatch.setattr(keras_mae.layers, "_int8_matmul_in_float32", lambda a, b: matmuls.append(a.shape) or in_float32(a, b))
+    layer = keras_mae.layers.Dense(40, activation="gelu", dtype=dtype)
+    layer.build(shape)
+    inputs = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    if shape[-1] > 1024:
+        # Products of 126 or 127 by 127, summed past 2**24, where float32 stops holding
+        # odd integers.
+        inputs = 1 - 0.01 * np.abs(inputs)
+        layer.kernel.assign(np.ones(layer.kernel.shape))
+    layer.quantize("int8")
+    inputs = torch.as_tensor(inputs).to(getattr(torch, layer.compute_dtype))
+    with torch.no_grad():
+        fast = layer(inputs)
+    assert matmuls == [inputs.shape]
+
+    # With a gradient to its inputs the layer takes Keras' own int8 call (an int32
+    # matmul), whose custom gradient defines it.
+    inputs.requires_grad_(True)
+    keras_own = layer(inputs)
+    keras_own.float().sum().backward()
+    assert len(matmuls) == 1 and inputs.grad is not None
+    assert fast.dtype == keras_own.dtype and torch.equal(fast, keras_own.detach())
