@@ -37,24 +37,25 @@ def token_initializer():
 
 
 class CompiledSteps:
-    """Mixin for `keras.Model`s: what `compile(jit_compile=...)` means for these ViTs.
+    """Mixin for `keras.Model`s: what `jit_compile="auto"` means for these ViTs.
 
     TensorFlow: Keras' "auto" leaves XLA off when there is no GPU; for these ViTs XLA is
-    about 1.5x faster on a CPU as well (keras.io sizes, 2 cores: 610 vs 410 img/s). Under
-    a several-replica `tf.distribute` strategy, and on torch, "auto" stays Keras' own
-    choice. A saved model compiles again with "auto" on load, so a file saved under one
-    backend gets the loading backend's choice (not torch.compile because XLA was on where
-    it was saved).
+    faster on a CPU as well (keras.io sizes, 2 cores, training: 610 vs 410 img/s;
+    ViT-Tiny encoder `predict`: 129 vs 72 img/s). The choice applies to `compile()` and
+    to an uncompiled model's `predict` alike. Under a several-replica `tf.distribute`
+    strategy, and on torch, "auto" stays Keras' own choice. A saved model compiles again
+    with "auto" on load, so a file saved under one backend gets the loading backend's
+    choice (not torch.compile because XLA was on where it was saved).
 
     torch: `jit_compile=True` hands Keras' `train_step` itself to torch.compile, its first
     call eager (`torch_compile.compiled_train_function`).
     """
 
-    def compile(self, *args, jit_compile="auto", **kwargs):
-        if jit_compile == "auto" and keras.backend.backend() == "tensorflow":
-            # Not across replicas: XLA cannot reach variables mirrored on other CPU devices.
-            jit_compile = True if self.distribute_strategy.num_replicas_in_sync == 1 else "auto"
-        super().compile(*args, jit_compile=jit_compile, **kwargs)
+    def _resolve_auto_jit_compile(self):
+        # Not across replicas: XLA cannot reach variables mirrored on other CPU devices.
+        if keras.backend.backend() == "tensorflow" and self.distribute_strategy.num_replicas_in_sync == 1:
+            return True
+        return super()._resolve_auto_jit_compile()
 
     def compile_from_config(self, config):
         config = {**keras.saving.deserialize_keras_object(config), "jit_compile": "auto"}
@@ -92,7 +93,7 @@ def _blocks(depth, num_heads, mlp_ratio, drop_path_rate, epsilon, seed, policy, 
 
 
 @keras.saving.register_keras_serializable(package="keras_mae")
-class MAEEncoder(KeepsQuantization, keras.Model):
+class MAEEncoder(KeepsQuantization, CompiledSteps, keras.Model):
     """The Vision Transformer encoder: images -> tokens `(B, 1 + N, D)`, class token first.
 
     Called on images it runs on every patch (features for downstream use). Pre-training

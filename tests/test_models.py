@@ -254,10 +254,15 @@ def test_compiled_and_eager_forward_passes_agree():
 
 
 def test_auto_jit_compile_is_xla_on_tensorflow_and_keras_choice_elsewhere(tmp_path, images):
+    auto = {"tensorflow": True, "jax": True, "torch": False}[keras.backend.backend()]
+    # An uncompiled model predicts with the same choice: feature extraction gets XLA too.
+    assert tiny_mae().encoder.jit_compile is auto
     mae = tiny_mae()
     mae.compile(optimizer="adamw")
-    assert mae.jit_compile is {"tensorflow": True, "jax": True, "torch": False}[keras.backend.backend()]
+    assert mae.jit_compile is auto
     mae.compile(optimizer="adamw", jit_compile=False)
+    assert mae.jit_compile is False
+    mae.compile(optimizer="adamw", run_eagerly=True)
     assert mae.jit_compile is False
     # A saved model compiles again on load with this backend's "auto", and trains.
     mae.compile(optimizer="adamw", jit_compile="auto")
