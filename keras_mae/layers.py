@@ -150,10 +150,7 @@ class Dense(keras.layers.Dense):
             kernel = ops.convert_to_tensor(self.kernel)  # with LoRA's update, if enabled
             bias = None if self.bias is None else ops.convert_to_tensor(self.bias)
             if ops.is_tensor(inputs) and inputs.dtype == kernel.dtype == (kernel if bias is None else bias).dtype:
-                if onednn.onednn_linear_applies(inputs, kernel):
-                    outputs = onednn.linear(inputs, kernel, bias)
-                else:
-                    outputs = _torch_linear(inputs, kernel, bias)
+                outputs = _torch_linear(inputs, kernel, bias)
                 return outputs if self.activation is None else self.activation(outputs)
         return super().call(inputs, training=training)
 
@@ -192,15 +189,11 @@ def _int8_matmul_in_float32(a, b):
     product = None
     for start in range(0, depth, EXACT_FLOAT32_DEPTH):
         rows = slice(start, start + EXACT_FLOAT32_DEPTH)
-        part = _float32_matmul(a[:, rows].to(torch.float32), b[rows].to(torch.float32))
+        part = _torch_linear(a[:, rows].to(torch.float32), b[rows].to(torch.float32), None)
         if depth > EXACT_FLOAT32_DEPTH:
             part = part.to(torch.int32)
         product = part if product is None else product + part
     return product.reshape(*leading, -1)
-
-
-def _float32_matmul(a, b):
-    return onednn.linear(a, b) if onednn.onednn_linear_applies(a, b) else a @ b
 
 
 def _int8_matmul_in_float32_applies(layer, inputs):
@@ -218,6 +211,9 @@ def _int8_matmul_in_float32_applies(layer, inputs):
 
 
 def _torch_linear(inputs, kernel, bias):
+    """`inputs @ kernel + bias` for torch tensors: oneDNN where it applies, else torch."""
+    if onednn.onednn_linear_applies(inputs, kernel):
+        return onednn.linear(inputs, kernel, bias)
     import torch
 
     return torch.nn.functional.linear(inputs, kernel.t(), bias)
