@@ -1,13 +1,11 @@
 """Allocator settings that make training steps faster on a CPU, made at start-up.
 
 `tune_allocator()`, which train.py, finetune.py and the benchmarks call first thing,
-applies the one each backend gains from. TensorFlow runs as it is: it faults in far less
-per step (4,000-23,000 pages, 0.02-0.09 s of kernel time on the 2-core VM) and measured
-no faster on jemalloc.
+applies the one each backend gains from.
 
-Both JAX and eager PyTorch free large blocks at every step and allocate them again at
-the next, and glibc's malloc hands blocks that large back to the kernel, so each step
-page-faults them in anew:
+All three backends free large blocks at every step and allocate them again at the next,
+and glibc's malloc hands blocks that large back to the kernel, so each step page-faults
+them in anew:
 
 - JAX: XLA's CPU runtime allocates the whole scratch space of a compiled step (811 MB
   for the keras.io-sized model at batch 256) with `malloc` when the step starts and
@@ -19,16 +17,20 @@ page-faults them in anew:
   serves blocks of 32 MiB and more (a decoder MLP's `(256 * 65, 512)` float32 activation
   at configuration T is 34 MB) with a fresh `mmap` each time (about 40,000 faults and
   130 ms of kernel CPU time per step at T).
+- TensorFlow: its CPU allocator takes each op's output from malloc on the thread that
+  runs the op. How much that costs depends on the machine: on an AMD EPYC Zen 3 VM,
+  140,000 faults and 0.36-0.47 s of kernel time a step at K (365,000 and 0.9-1.0 s at
+  T), over a quarter of its CPU time; on a Zen 4 one, 4,000-23,000 faults and 0.02-0.09 s.
 
 The cure is an allocator that keeps what is freed. Where the system has jemalloc
-(Debian / Ubuntu: `apt-get install libjemalloc2`), JAX and torch programs restart once
+(Debian / Ubuntu: `apt-get install libjemalloc2`), programs restart once
 on it, with freed memory never returned (`MALLOC_CONF`, `JEMALLOC_CONF`): the faults and
 the kernel time are gone (benchmarks/README.md has the figures). An IPython shell or Jupyter
 kernel is not restarted (the user's session would be lost); it is told how to start on
 jemalloc instead. Without jemalloc, glibc does what it can: torch keeps freed memory
-through `mallopt` (`keep_freed_memory`, at once), and JAX restarts with glibc's huge
+through `mallopt` (`keep_freed_memory`, at once), JAX restarts with glibc's huge
 pages (`restart_with_huge_pages`: fewer, larger faults; glibc reads its tunables only
-when a program starts).
+when a program starts), and TensorFlow runs as it is.
 
 The resident memory of a process then stays at its peak rather than falling between
 steps. To opt out of jemalloc, set `KERAS_MAE_JEMALLOC=0`; a malloc library of your own
@@ -148,10 +150,10 @@ def restart(variables):
 
 def restart_with_jemalloc():
     """Re-executes this Python program, same arguments, on jemalloc keeping freed memory
-    (`jemalloc_environment`) when it runs JAX or torch and can be restarted; otherwise
-    returns. Call it first thing in a script: the process image is replaced."""
+    (`jemalloc_environment`) when it can be restarted; otherwise returns. Call it first
+    thing in a script: the process image is replaced."""
     variables = jemalloc_environment()
-    if not variables or keras.config.backend() not in ("jax", "torch"):
+    if not variables:
         return
     if restartable():
         restart(variables)
@@ -220,11 +222,11 @@ def malloc_in_use():
 
 
 def tune_allocator():
-    """The allocator setting that speeds up this backend's training steps on a CPU. JAX and
-    torch restart on jemalloc where the system has it (`restart_with_jemalloc`); without
-    it, torch keeps freed memory in glibc's heap (`keep_freed_memory`) and JAX restarts
-    with glibc's huge pages (`restart_with_huge_pages`). TensorFlow runs as it is. Call
-    this first thing: a restart replaces the process.
+    """The allocator setting that speeds up this backend's training steps on a CPU. Every
+    backend restarts on jemalloc where the system has it (`restart_with_jemalloc`);
+    without it, torch keeps freed memory in glibc's heap (`keep_freed_memory`), JAX
+    restarts with glibc's huge pages (`restart_with_huge_pages`) and TensorFlow runs as
+    it is. Call this first thing: a restart replaces the process.
 
     Choices of your own win: `KERAS_MAE_JEMALLOC=0` keeps glibc, a malloc library in
     `LD_PRELOAD` is left alone, `glibc.malloc.mmap_max=65536` (glibc's default) in
