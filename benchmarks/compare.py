@@ -4,7 +4,7 @@ Each measurement is a fresh child process; keras-mae (one per backend asked for)
 HuggingFace alternate, `--repeats` rounds, and the best round of each counts (the least
 disturbed by anything else on the machine). Both time forward + backward + AdamW on
 the same random batch after warm-up steps. keras-mae's runs tune their allocator as
-train.py does (jemalloc where the system has it, for JAX and torch; keras_mae/memory.py);
+train.py does (jemalloc where the system has it; keras_mae/memory.py);
 HuggingFace runs on the system's malloc, as people run it. To give every run jemalloc,
 preload it for the whole tree:
     LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/compare.py
