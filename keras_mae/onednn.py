@@ -1,23 +1,27 @@
 """float32 matmuls of the torch backend through oneDNN on CPUs where MKL is slow.
 
-PyTorch multiplies float32 matrices on a CPU with Intel's MKL, which is tuned for
-Intel's CPUs: on this project's AMD EPYC (Zen 5, 2 cores) its `sgemm` reached 190-225
-GFLOP/s for the ViT's projection shapes (the same with `MKL_CBWR` or
+PyTorch multiplies float32 matrices on a CPU with Intel's MKL, which runs its AVX-512
+kernels only on Intel's CPUs: on this project's AMD EPYC (Zen 5, 2 cores) its `sgemm`
+reached 190-225 GFLOP/s for the ViT's projection shapes (the same with `MKL_CBWR` or
 `MKL_ENABLE_INSTRUCTIONS` set), while oneDNN, the other matrix library in every x86
 build of torch (torch's own bf16 matmuls and its compiler's CPU kernels use it), reached
 365-465 on the same shapes. `keras_mae.layers.Dense` therefore sends its float32
 matmul, forward and backward, through `torch.ops.mkldnn._linear_pointwise` on x86 CPUs
-that are not Intel's, and keeps torch's default everywhere else (Intel CPUs, where MKL
-is at home: on an Intel Xeon (Emerald Rapids) the two ran these shapes within 3 % of
-each other; GPUs; other backends; bf16, which torch already gives oneDNN;
-`torch.compile`, which picks its own kernels).
+with AVX-512 that are not Intel's, and keeps torch's default everywhere else: Intel
+CPUs, where MKL is at home (on an Intel Xeon (Emerald Rapids) the two ran these shapes
+within 3 % of each other); AVX2-only CPUs, where MKL's AVX2 kernels are as fast as
+oneDNN's (on a Zen 3 EPYC the seven projection shapes of configurations T and K took
+75-79 ms in MKL against 80-83 in oneDNN, and training steps at T ran 1.13x faster in
+MKL, which takes the weight gradient's transposed operand without oneDNN's copy);
+GPUs; other backends; bf16, which torch already gives oneDNN; `torch.compile`, which
+picks its own kernels.
 
 Each call to oneDNN costs some 0.1 ms more than torch's, so matmuls smaller than
 `MIN_MULTIPLY_ADDS` (a batch of a few images through a small ViT) keep torch's: at
 `(64, 96) @ (96, 384)` a forward and backward pass took 0.33 ms in oneDNN against 0.26
 in torch, at `(1024, 128) @ (128, 512)` 2.6 against 4.1 (Zen 4, 2 cores).
 
-`KERAS_MAE_ONEDNN_LINEAR=1` forces oneDNN on (to try it on an Intel CPU), `=0` off.
+`KERAS_MAE_ONEDNN_LINEAR=1` forces oneDNN on (to try it on another CPU), `=0` off.
 """
 
 import functools
@@ -61,7 +65,14 @@ def onednn_linear_enabled():
     if choice:
         return choice == "1" and available
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return available and x86 and cpu_vendor() not in (None, "GenuineIntel")
+    return available and x86 and mkl_is_slow_on(cpu_vendor(), torch.backends.cpu.get_cpu_capability())
+
+
+def mkl_is_slow_on(vendor, capability):
+    """Whether MKL leaves a CPU's widest vectors unused: it runs AVX-512 code only on
+    Intel's, so an x86 CPU of another vendor (`vendor`, as `cpu_vendor` names it) whose
+    ATen `capability` is AVX-512 gets MKL's AVX2 kernels and half its arithmetic."""
+    return vendor not in (None, "GenuineIntel") and capability.upper().startswith("AVX512")
 
 
 def onednn_linear_applies(inputs, kernel):

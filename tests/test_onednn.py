@@ -151,6 +151,32 @@ def test_one_training_step_is_the_same_with_and_without_onednn(onednn_setting):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "vendor,capability,expected",
+    [
+        ("AuthenticAMD", "AVX512", True),  # Zen 4, Zen 5: MKL runs its AVX2 kernels there
+        ("AuthenticAMD", "AVX2", False),  # Zen 3: MKL's AVX2 kernels are as fast as oneDNN's
+        ("GenuineIntel", "AVX512", False),  # MKL's home
+        ("HygonGenuine", "AVX512", True),
+        (None, "AVX512", False),  # unknown vendor: keep torch's default
+        ("AuthenticAMD", "DEFAULT", False),
+    ],
+)
+def test_mkl_is_slow_only_on_other_vendors_cpus_with_avx512(vendor, capability, expected):
+    assert onednn.mkl_is_slow_on(vendor, capability) is expected
+
+
+@pytest.mark.parametrize("capability,expected", [("AVX512", True), ("AVX2", False)])
+def test_unset_setting_follows_the_cpu(onednn_setting, monkeypatch, capability, expected):
+    needs_onednn()
+    import torch
+
+    monkeypatch.setattr(onednn.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert onednn_setting("") is expected
+
+
 def test_bad_setting_is_a_clear_error(onednn_setting):
     with pytest.raises(ValueError, match="KERAS_MAE_ONEDNN_LINEAR must be 0, 1 or unset"):
         onednn_setting("yes")
