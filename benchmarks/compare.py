@@ -7,7 +7,7 @@ the same random batch after warm-up steps. keras-mae's runs tune their allocator
 train.py does (jemalloc where the system has it; keras_mae/memory.py);
 HuggingFace runs on the system's malloc, as people run it. To give every run jemalloc,
 preload it for the whole tree:
-    LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/compare.py
+    LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=narenas:1,oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/compare.py
 
 Extra install (a benchmark extra, not a runtime dependency):
     pip install transformers==5.23.0 torch==2.13.0

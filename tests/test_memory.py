@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
 CHILD = f"""
-import ctypes, os, resource, sys
+import ctypes, os, resource, sys, threading
 sys.path.insert(0, {str(REPO)!r})
 print("started", flush=True)
 from keras_mae.memory import malloc_in_use, tune_allocator
@@ -46,6 +46,17 @@ faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 block = libc.malloc({64 * MiB})  # the same size again, as at the next training step
 ctypes.memset(block, 1, {64 * MiB})
 print("reuse_faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+libc.free(ctypes.c_void_p(block))
+
+def allocate_on_another_thread():  # as TensorFlow's op threads and XLA's step thread do
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc({64 * MiB})
+    ctypes.memset(block, 1, {64 * MiB})
+    print("other_thread_faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+
+thread = threading.Thread(target=allocate_on_another_thread)
+thread.start()
+thread.join()
 """
 
 needs_madvise_mode = pytest.mark.skipif(
@@ -148,6 +159,8 @@ def test_every_backend_restarts_once_on_jemalloc_that_keeps_freed_memory(backend
     assert fields["tunables"] == ""  # glibc's settings are moot under jemalloc
     # 64 MiB fresh from the kernel would be 16,384 faults, or 32 in huge pages.
     assert int(fields["reuse_faults"]) < 16, fields["reuse_faults"]
+    # One arena: what one thread freed, another reuses (not one kept peak per arena).
+    assert int(fields["other_thread_faults"]) < 64, fields["other_thread_faults"]
 
 
 @needs_jemalloc
