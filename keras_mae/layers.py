@@ -140,10 +140,10 @@ class Dense(keras.layers.Dense):
     torch's `linear` adds the bias inside the matmul (one kernel, one launch: on a GPU
     an eager step waits on launches and Python). Its float32 matmuls on a CPU go through
     oneDNN where torch's default, MKL, is slow (non-Intel x86 with AVX-512: 1.7x the
-    training steps of configuration T on an AMD EPYC Zen 5; `keras_mae.onednn`). The other backends, mixed input
-    dtypes and quantization (Keras' `quantized_call`) keep Keras' own layer, except that
-    torch int8 inference on a CPU multiplies in float32 (`_int8_call`). The ViT's
-    every projection is one."""
+    training steps of configuration T on an AMD EPYC Zen 5; `keras_mae.onednn`). The
+    other backends, mixed input dtypes and quantization (Keras' `quantized_call`) keep
+    Keras' own layer, except that torch int8 inference on a CPU multiplies in float32
+    (`_int8_call`). The ViT's every projection is one."""
 
     def call(self, inputs, training=None):
         if keras.backend.backend() == "torch":

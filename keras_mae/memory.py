@@ -23,11 +23,11 @@ them in anew:
   T), over a quarter of its CPU time; on a Zen 4 one, 4,000-23,000 faults and 0.02-0.09 s.
 
 The cure is an allocator that keeps what is freed. Where the system has jemalloc
-(Debian / Ubuntu: `apt-get install libjemalloc2`), programs restart once
-on it, with freed memory never returned and one arena for every thread (`MALLOC_CONF`,
-`JEMALLOC_CONF`): the faults and the kernel time are gone (benchmarks/README.md has the figures). An IPython shell or Jupyter
-kernel is not restarted (the user's session would be lost); it is told how to start on
-jemalloc instead. Without jemalloc, glibc does what it can: torch keeps freed memory
+(Debian / Ubuntu: `apt-get install libjemalloc2`), programs restart once on it, with
+freed memory never returned and one arena for every thread (`MALLOC_CONF`,
+`JEMALLOC_CONF`): the faults and the kernel time are gone (benchmarks/README.md has the
+figures). An IPython shell or Jupyter kernel is not restarted (the user's session would
+be lost); it is told how to start on jemalloc instead. Without jemalloc, glibc does what it can: torch keeps freed memory
 through `mallopt` (`keep_freed_memory`, at once), JAX restarts with glibc's huge
 pages (`restart_with_huge_pages`: fewer, larger faults; glibc reads its tunables only
 when a program starts), and TensorFlow runs as it is.
