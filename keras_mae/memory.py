@@ -27,10 +27,10 @@ The cure is an allocator that keeps what is freed. Where the system has jemalloc
 freed memory never returned and one arena for every thread (`MALLOC_CONF`,
 `JEMALLOC_CONF`): the faults and the kernel time are gone (benchmarks/README.md has the
 figures). An IPython shell or Jupyter kernel is not restarted (the user's session would
-be lost); it is told how to start on jemalloc instead. Without jemalloc, glibc does what it can: torch keeps freed memory
-through `mallopt` (`keep_freed_memory`, at once), JAX restarts with glibc's huge
-pages (`restart_with_huge_pages`: fewer, larger faults; glibc reads its tunables only
-when a program starts), and TensorFlow runs as it is.
+be lost); it is told how to start on jemalloc instead. Without jemalloc, glibc does what
+it can: torch keeps freed memory through `mallopt` (`keep_freed_memory`, at once), JAX
+restarts with glibc's huge pages (`restart_with_huge_pages`: fewer, larger faults; glibc
+reads its tunables only when a program starts), and TensorFlow runs as it is.
 
 The resident memory of a process then stays at its peak rather than falling between
 steps. To opt out of jemalloc, set `KERAS_MAE_JEMALLOC=0`; a malloc library of your own
