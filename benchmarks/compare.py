@@ -5,7 +5,9 @@ HuggingFace alternate, `--repeats` rounds, and the best round of each counts (th
 disturbed by anything else on the machine). Both time forward + backward + AdamW on
 the same random batch after warm-up steps. keras-mae's runs tune their allocator as
 train.py does (jemalloc where the system has it; keras_mae/memory.py);
-HuggingFace runs on the system's malloc, as people run it. To give every run jemalloc,
+HuggingFace runs on the system's malloc, as people run it. `--hf-jemalloc` also times
+it on jemalloc with keras-mae's settings in every round (`hf_jemalloc`), so that one run
+tells how much of a lead is the allocator's. To give every run jemalloc instead,
 preload it for the whole tree:
     LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=narenas:1,oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/compare.py
 
@@ -16,7 +18,8 @@ Extra install (a benchmark extra, not a runtime dependency):
 
 Before them, each backend's per-round ratios (each keras-mae run against the HuggingFace
 run of the same round) and their median. Last lines: `<backend>_img_per_s=`,
-`hf_img_per_s=`, `<backend>_vs_hf=` (bests) for each backend.
+`hf_img_per_s=`, `<backend>_vs_hf=` (bests) for each backend; with `--hf-jemalloc` also
+`hf_jemalloc_img_per_s=` and `<backend>_vs_hf_jemalloc=`.
 """
 
 import argparse
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]
 from throughput import CONFIGS, training_flops  # noqa: E402
 
 
@@ -78,9 +81,12 @@ def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
     if device == "cuda":
         torch.cuda.synchronize()
     seconds, end = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    from keras_mae.memory import malloc_in_use  # after the timing: it imports Keras
+
     return {"img_per_s": batch_size * steps / seconds, "user_s_per_step": (end.ru_utime - usage.ru_utime) / steps,
             "kernel_s_per_step": (end.ru_stime - usage.ru_stime) / steps,
-            "page_faults_per_step": (end.ru_minflt + end.ru_majflt - usage.ru_minflt - usage.ru_majflt) / steps}
+            "page_faults_per_step": (end.ru_minflt + end.ru_majflt - usage.ru_minflt - usage.ru_majflt) / steps,
+            "malloc": malloc_in_use()}
 
 
 def child(command, env=None):
@@ -108,6 +114,9 @@ def main(argv=None):
                              "(default: %(default)s; see throughput.py --help).")
     parser.add_argument("--jit-compile", choices=["auto", "true", "false"], default="auto",
                         help="keras-mae's train-step compilation (see throughput.py; default: %(default)s).")
+    parser.add_argument("--hf-jemalloc", action="store_true",
+                        help="Also time HuggingFace on jemalloc with keras-mae's settings, every round (hf_jemalloc): "
+                             "the lead that is not the allocator's.")
     parser.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
@@ -118,15 +127,27 @@ def main(argv=None):
         print(json.dumps(huggingface_rate(CONFIGS[args.config], args.batch_size, args.steps, args.warmup, args.threads,
                                           args.dtype_policy)))
         return
+    references = {"hf": {}}
+    if args.hf_jemalloc:
+        from keras_mae.memory import JEMALLOC_CONF, jemalloc_environment, preloaded_malloc
+
+        if preloaded_malloc():
+            parser.error("--hf-jemalloc: LD_PRELOAD already gives every run its malloc library, HuggingFace's too")
+        # The user's MALLOC_CONF, if any, as keras-mae's runs get it; KERAS_MAE_JEMALLOC=0 is not asked here.
+        references["hf_jemalloc"] = jemalloc_environment({"MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)})
+        if not references["hf_jemalloc"]:
+            parser.error("--hf-jemalloc needs jemalloc on Linux (Debian / Ubuntu: apt-get install libjemalloc2)")
 
     common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    rates = {name: [] for name in [*backends, "hf"]}
+    rates = {name: [] for name in [*backends, *references]}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.repeats):
             for name in rates:
-                if name == "hf":
+                if name in references:
+                    # Keras is imported only after the timing, for the malloc report; with torch
+                    # it brings no other framework into the process.
                     out = child([sys.executable, __file__, "--hf-only", "--config", args.config, "--threads", str(args.threads),
-                                 "--dtype-policy", args.dtype_policy, *common])
+                                 "--dtype-policy", args.dtype_policy, *common], {"KERAS_BACKEND": "torch", **references[name]})
                     figures = json.loads(out.strip().splitlines()[-1])
                 else:
                     figures_file = Path(tmp) / f"{name}.json"
@@ -150,14 +171,16 @@ def main(argv=None):
             print(f"{name}_mfu={step_flops * rate / 1e12 / args.peak_tflops:.3f}")
     # Each round's ratio compares runs made back to back, so their median is less at the
     # mercy of one undisturbed round than the ratio of the bests.
-    for name in backends:
-        ratios = sorted(mine / theirs for mine, theirs in zip(rates[name], rates["hf"]))
-        print(f"{name}_vs_hf_per_round={', '.join(f'{r:.3f}' for r in ratios)} (median {statistics.median(ratios):.3f})")
-    for name in backends:
+    for reference in references:
+        for name in backends:
+            ratios = sorted(mine / theirs for mine, theirs in zip(rates[name], rates[reference]))
+            print(f"{name}_vs_{reference}_per_round={', '.join(f'{r:.3f}' for r in ratios)} "
+                  f"(median {statistics.median(ratios):.3f})")
+    for name in [*backends, *references]:
         print(f"{name}_img_per_s={best[name]:.2f}")
-    print(f"hf_img_per_s={best['hf']:.2f}")
-    for name in backends:
-        print(f"{name}_vs_hf={best[name] / best['hf']:.3f}")
+    for reference in references:
+        for name in backends:
+            print(f"{name}_vs_{reference}={best[name] / best[reference]:.3f}")
 
 
 if __name__ == "__main__":
