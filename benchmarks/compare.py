@@ -129,12 +129,14 @@ def main(argv=None):
         return
     references = {"hf": {}}
     if args.hf_jemalloc:
-        from keras_mae.memory import JEMALLOC_CONF, jemalloc_environment, preloaded_malloc
+        from keras_mae.memory import jemalloc_environment, preloaded_malloc
 
         if preloaded_malloc():
             parser.error("--hf-jemalloc: LD_PRELOAD already gives every run its malloc library, HuggingFace's too")
-        # The user's MALLOC_CONF, if any, as keras-mae's runs get it; KERAS_MAE_JEMALLOC=0 is not asked here.
-        references["hf_jemalloc"] = jemalloc_environment({"MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)})
+        # As keras-mae's runs get it (the user's MALLOC_CONF and LD_PRELOAD kept), even if
+        # KERAS_MAE_JEMALLOC=0 keeps those on glibc: the flag asks for it.
+        environ = {name: value for name, value in os.environ.items() if name != "KERAS_MAE_JEMALLOC"}
+        references["hf_jemalloc"] = jemalloc_environment(environ)
         if not references["hf_jemalloc"]:
             parser.error("--hf-jemalloc needs jemalloc on Linux (Debian / Ubuntu: apt-get install libjemalloc2)")
 
