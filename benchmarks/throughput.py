@@ -45,12 +45,14 @@ CONFIGS = {
 }
 
 
-def training_flops(config, batch_size, mask_tokens_in_encoder=False):
+def training_flops(config, batch_size, mask_tokens_in_encoder=False, predicts_every_patch=False):
     """Matrix-multiply FLOPs of one training step (forward + backward = 3 x forward).
 
     Counts what keras-mae computes: every patch is embedded, the encoder sees the class
     token plus the kept patches (all patches with `mask_tokens_in_encoder`), the decoder
-    sees the class token plus all patches, and predicts pixels for every patch.
+    sees the class token plus all patches, and in training its last block after
+    attention, and the head, run only on the removed patches. `predicts_every_patch`
+    counts a decoder that predicts every patch in training (HuggingFace's ViTMAE).
     """
     def pair(value):
         return (value, value) if isinstance(value, int) else tuple(value)
@@ -58,18 +60,22 @@ def training_flops(config, batch_size, mask_tokens_in_encoder=False):
     (height, width), (patch_h, patch_w) = pair(config["image_size"]), pair(config["patch_size"])
     patches = (height // patch_h) * (width // patch_w)
     patch_values = patch_h * patch_w * config["num_channels"]
-    kept = patches if mask_tokens_in_encoder else int(patches * (1 - config.get("mask_ratio", 0.75)))
+    kept = int(patches * (1 - config.get("mask_ratio", 0.75)))
+    encoded = patches if mask_tokens_in_encoder else kept
+    predicted = patches if predicts_every_patch else patches - kept
 
-    def blocks(depth, tokens, width):
-        per_block = 24 * tokens * width**2 + 4 * tokens**2 * width  # qkv, proj, 4x MLP; QK^T and AV
-        return depth * per_block
+    def block(tokens, width, outputs):  # `outputs` tokens leave it; all `tokens` attend
+        attention = 6 * tokens * width**2 + 4 * tokens**2 * width  # qkv; QK^T and AV
+        return attention + 18 * outputs * width**2  # proj, 4x MLP
 
     encoder_width, decoder_width = config["encoder_width"], config["decoder_width"]
+    decoded = patches + 1
     forward = (2 * patches * patch_values * encoder_width
-               + blocks(config["encoder_depth"], kept + 1, encoder_width)
-               + 2 * (kept + 1) * encoder_width * decoder_width
-               + blocks(config["decoder_depth"], patches + 1, decoder_width)
-               + 2 * patches * decoder_width * patch_values)
+               + config["encoder_depth"] * block(encoded + 1, encoder_width, encoded + 1)
+               + 2 * (encoded + 1) * encoder_width * decoder_width
+               + (config["decoder_depth"] - 1) * block(decoded, decoder_width, decoded)
+               + block(decoded, decoder_width, predicted)
+               + 2 * predicted * decoder_width * patch_values)
     return 3 * forward * batch_size
 
 

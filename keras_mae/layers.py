@@ -481,12 +481,17 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.proj = Dense(width, dtype=self.dtype_policy, name="proj")
         self.proj.build(input_shape)
 
-    def call(self, x):
+    def call(self, x, token_ids=None):
+        """`x` `(B, T, D)` -> `(B, T, D)`; with `token_ids` `(B, M)`, only those tokens'
+        outputs `(B, M, D)` (every token is still attended to)."""
         width = x.shape[-1]
         head_dim = width // self.num_heads
         qkv = per_token(lambda tokens: call_sublayer(self.qkv, tokens), x)
         attended = attention(ops.reshape(qkv, (ops.shape(x)[0], -1, 3, self.num_heads, head_dim)))  # (B, T, H, Dh)
-        return per_token(lambda tokens: call_sublayer(self.proj, tokens), ops.reshape(attended, (ops.shape(x)[0], -1, width)))
+        attended = ops.reshape(attended, (ops.shape(x)[0], -1, width))
+        if token_ids is not None:
+            attended = gather_tokens(attended, token_ids)
+        return per_token(lambda tokens: call_sublayer(self.proj, tokens), attended)
 
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "qkv_bias": self.qkv_bias}
@@ -539,8 +544,15 @@ class TransformerBlock(keras.layers.Layer):
             layer.build(input_shape)
         self.mlp_output.build(input_shape[:-1] + (int(width * self.mlp_ratio),))
 
-    def call(self, x, training=None):
-        x = x + self._drop_path(call_sublayer(self.attention, call_sublayer(self.norm1, x)), training)
+    def call(self, x, training=None, token_ids=None):
+        """`x` `(B, T, D)` -> `(B, T, D)`. With `token_ids` `(B, M)` only those tokens'
+        outputs `(B, M, D)`: all T are still keys and values, but the projection, MLP
+        and residuals run on M tokens (the MAE decoder's last block, whose loss reads
+        only the removed patches)."""
+        attended = call_sublayer(self.attention, call_sublayer(self.norm1, x), token_ids=token_ids)
+        if token_ids is not None:
+            x = gather_tokens(x, token_ids)
+        x = x + self._drop_path(attended, training)
         mlp = per_token(self._mlp, x)
         return x + self._drop_path(mlp, training)
 

@@ -107,8 +107,9 @@ class RandomMasking(keras.layers.Layer):
         return ops.amax(ops.cast(inside, "float32") * priority, axis=1)
 
     def shuffle(self, batch_size, noise=None):
-        """`(ids_keep, mask, ids_restore)`: the kept patches' indices `(batch, num_keep)`
-        in shuffled order, and `call`'s mask and restore indices, without gathering."""
+        """`(ids_shuffle, mask, ids_restore)` without gathering: every patch's index
+        `(batch, patches)` in shuffled order, the first `num_keep` kept and the rest
+        removed, and `call`'s mask and restore indices."""
         if noise is None:
             noise = self.sample_noise(batch_size)
         elif tuple(noise.shape[1:]) != (self.num_patches,):
@@ -118,11 +119,11 @@ class RandomMasking(keras.layers.Layer):
         ids_shuffle = ops.argsort(noise, axis=1)
         ids_restore = ops.argsort(ids_shuffle, axis=1)
         mask = ops.cast(ids_restore >= self.num_keep, "float32")
-        return ids_shuffle[:, : self.num_keep], mask, ids_restore
+        return ids_shuffle, mask, ids_restore
 
     def call(self, tokens, noise=None):
-        ids_keep, mask, ids_restore = self.shuffle(ops.shape(tokens)[0], noise)
-        return gather_tokens(tokens, ids_keep), mask, ids_restore
+        ids_shuffle, mask, ids_restore = self.shuffle(ops.shape(tokens)[0], noise)
+        return gather_tokens(tokens, ids_shuffle[:, : self.num_keep]), mask, ids_restore
 
     def get_config(self):
         return {

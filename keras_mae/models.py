@@ -296,10 +296,13 @@ class MAEDecoder(KeepsQuantization, keras.Model):
         self.head.build(token_shape)
         self.built = True
 
-    def call(self, latent, ids_restore=None, training=None):
+    def call(self, latent, ids_restore=None, patch_ids=None, training=None):
         """`latent` `(B, 1 + K, D)` from the encoder; `ids_restore` `(B, N)` from the masking.
 
         Without `ids_restore` the latent must already hold all N patches in image order.
+        With `patch_ids` `(B, M)` (image-order indices) only those patches are predicted,
+        `(B, M, P)`: the last block attends over every token but runs its projection,
+        MLP, and the norm and head after it, on M tokens alone.
         """
         x = per_token(lambda tokens: call_sublayer(self.embed, tokens), latent)  # (B, 1 + K, Dd)
         class_token, patches = x[:, :1], x[:, 1:]
@@ -312,10 +315,13 @@ class MAEDecoder(KeepsQuantization, keras.Model):
             )
             patches = unshuffle(ops.concatenate([patches, mask_tokens], axis=1), ids_restore)
         x = ops.concatenate([class_token, call_sublayer(self.position_embedding, patches)], axis=1)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = call_sublayer(block, x, training=training)
-        pixels = per_token(lambda tokens: call_sublayer(self.head, call_sublayer(self.norm, tokens)), x)
-        return pixels[:, 1:]  # (B, N, P)
+        if patch_ids is None:
+            x = call_sublayer(self.blocks[-1], x, training=training)[:, 1:]  # (B, N, Dd)
+        else:  # the class token is token 0, so patch i is token i + 1
+            x = call_sublayer(self.blocks[-1], x, training=training, token_ids=patch_ids + 1)  # (B, M, Dd)
+        return per_token(lambda tokens: call_sublayer(self.head, call_sublayer(self.norm, tokens)), x)
 
     def get_config(self):
         return {
@@ -339,6 +345,9 @@ class MaskedAutoencoder(KeepsQuantization, CompiledSteps, keras.Model):
 
     `mae(images)` masks each image, encodes the kept patches, decodes every patch and
     returns `{"pred": (B, N, P), "mask": (B, N) with 1 = removed, "ids_restore": (B, N)}`.
+    In training (`training=True`, as in `fit`) only the removed patches are predicted,
+    the only ones the loss reads, and the kept patches' rows of `"pred"` are zeros: the
+    decoder's last block, norm and head then skip the kept patches.
     Training needs only images (labels, if the dataset yields them, are ignored): the
     loss is the pixel MSE on the removed patches, computed in `compute_loss`, so every
     backend's own `train_step` runs it.
@@ -468,17 +477,27 @@ class MaskedAutoencoder(KeepsQuantization, CompiledSteps, keras.Model):
         return cls(**{**config, **overrides})
 
     def call(self, images, noise=None, training=None):
-        ids_keep, mask, ids_restore = self.masking.shuffle(ops.shape(images)[0], noise)  # (B, K), (B, N), (B, N)
+        ids_shuffle, mask, ids_restore = self.masking.shuffle(ops.shape(images)[0], noise)  # (B, N) each
+        num_keep = self.masking.num_keep
+        ids_keep = ids_shuffle[:, :num_keep]  # (B, K)
+        # Training predicts only the removed patches, the only ones the loss reads.
+        predicted = ids_shuffle[:, num_keep:] if training else None  # (B, N - K)
         if self.mask_tokens_in_encoder:
             tokens = self.encoder.embed(images)  # (B, N, D)
             table = ops.cast(self.encoder.position_embedding.table, tokens.dtype)[None]
             filler = ops.cast(self.encoder_mask_token, tokens.dtype) + table  # (1, N, D)
             tokens = ops.where(ops.expand_dims(mask, -1) > 0, filler, tokens)
-            pred = call_sublayer(self.decoder, self.encoder.encode(tokens, training=training), training=training)
+            latent, unshuffle_ids = self.encoder.encode(tokens, training=training), None
         else:
             kept = self.encoder.embed(images, patch_ids=ids_keep)  # (B, K, D), only what is seen
             latent = self.encoder.encode(kept, training=training)  # (B, 1 + K, D)
-            pred = call_sublayer(self.decoder, latent, ids_restore=ids_restore, training=training)
+            unshuffle_ids = ids_restore
+        pred = call_sublayer(
+            self.decoder, latent, ids_restore=unshuffle_ids, patch_ids=predicted, training=training
+        )
+        if predicted is not None:  # back to (B, N, P) in image order, kept patches zero
+            unpredicted = ops.zeros((ops.shape(pred)[0], num_keep, pred.shape[-1]), dtype=pred.dtype)
+            pred = unshuffle(ops.concatenate([unpredicted, pred], axis=1), ids_restore)
         return {"pred": pred, "mask": mask, "ids_restore": ids_restore}
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

@@ -210,6 +210,23 @@ def test_transformer_block_is_residual_pre_norm():
     np.testing.assert_allclose(to_numpy(block(x)), x, rtol=1e-6)
 
 
+def test_block_outputs_for_chosen_tokens_are_its_full_outputs_at_those_tokens():
+    # The MAE decoder's last block computes only the removed patches: every token is
+    # still a key and a value, so the chosen tokens' outputs, and their gradients with
+    # respect to all inputs, are the full block's.
+    block = TransformerBlock(num_heads=2)
+    rng = np.random.default_rng(5)
+    x = rng.random((3, 7, 8), dtype=np.float32)
+    ids = np.stack([rng.permutation(7)[:4] for _ in range(3)])  # (3, 4), each sample its own
+    chosen = to_numpy(block(x, token_ids=ids))
+    assert chosen.shape == (3, 4, 8)
+    np.testing.assert_allclose(chosen, np.take_along_axis(to_numpy(block(x)), ids[..., None], axis=1), rtol=1e-5, atol=1e-6)
+    weights = ops.convert_to_tensor(rng.normal(size=(3, 4, 8)).astype("float32"))
+    full = gradient(lambda t: ops.sum(ops.take_along_axis(block(t), ids[..., None], axis=1) * weights), x)
+    subset = gradient(lambda t: ops.sum(block(t, token_ids=ids) * weights), x)
+    np.testing.assert_allclose(subset, full, rtol=1e-4, atol=1e-6)
+
+
 def test_transformer_block_drops_its_branches_only_at_a_nonzero_rate_while_training():
     x = np.random.default_rng(6).random((64, 5, 8), dtype=np.float32)
     plain = TransformerBlock(num_heads=2, drop_path_rate=0.0)

@@ -61,6 +61,42 @@ def test_baseline_with_mask_tokens_in_encoder_runs_on_all_patches(images):
     assert any("encoder_mask_token" in w.path for w in mae.trainable_weights)
 
 
+def test_training_predicts_the_removed_patches_alone_and_as_inference_does(images):
+    mae = tiny_mae(decoder_depth=2)
+    noise = ops.convert_to_numpy(mae.masking.sample_noise(4, seed=2))
+    trained, inferred = (mae(images, noise=noise, training=t) for t in (True, False))
+    removed = ops.convert_to_numpy(trained["mask"]) == 1
+    trained, inferred = ops.convert_to_numpy(trained["pred"]), ops.convert_to_numpy(inferred["pred"])
+    assert trained.shape == inferred.shape == (4, 16, 48)
+    np.testing.assert_allclose(trained[removed], inferred[removed], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(trained[~removed], 0.0)
+    assert np.abs(inferred[~removed]).min() > 0
+
+
+class PredictsEveryPatch(keras_mae.MaskedAutoencoder):
+    """Trains through the inference forward pass, which predicts every patch."""
+
+    def call(self, images, noise=None, training=None):
+        return super().call(images, noise=noise, training=False)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(mask_tokens_in_encoder=True), dict(mask_ratio=0.25, norm_pix_loss=True, decoder_depth=2)],
+)
+def test_a_training_step_is_the_one_that_predicts_every_patch(images, options):
+    # Drop path is 0, so predicting only the removed patches is the one difference: the
+    # loss and every updated weight must be those of the full prediction.
+    ours, full = tiny_mae(**options), PredictsEveryPatch(**{**TINY, **options})
+    full.set_weights(ours.get_weights())
+    for model in (ours, full):
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+    losses = [model.train_on_batch(images) for model in (ours, full)]  # the same seed: the same masks
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for mine, theirs in zip(ours.get_weights(), full.get_weights()):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(norm_pix_loss=True, mask_sampling="block"), dict(mask_tokens_in_encoder=True, mask_sampling="grid")],
