@@ -301,8 +301,8 @@ class MAEDecoder(KeepsQuantization, keras.Model):
 
         Without `ids_restore` the latent must already hold all N patches in image order.
         With `patch_ids` `(B, M)` (image-order indices) only those patches are predicted,
-        `(B, M, P)`: the last block attends over every token but runs its projection,
-        MLP, and the norm and head after it, on M tokens alone.
+        `(B, M, P)`: in the last block every token is still a key and a value, but its
+        queries, projection, MLP, and the norm and head after it, run on M tokens alone.
         """
         x = per_token(lambda tokens: call_sublayer(self.embed, tokens), latent)  # (B, 1 + K, Dd)
         class_token, patches = x[:, :1], x[:, 1:]

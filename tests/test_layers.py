@@ -153,6 +153,27 @@ def test_fused_and_plain_attention_have_the_same_gradients(tokens):
     np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_from_chosen_queries_is_full_attention_at_those_tokens(fused):
+    # The MAE decoder's last block asks only the removed patches' queries; every token
+    # is still a key and a value, so values and gradients are the full attention's rows.
+    rng = np.random.default_rng(8)
+    qkv = rng.normal(size=(2, 7, 3, 2, 8)).astype("float32")
+    ids = np.stack([rng.permutation(7)[:4] for _ in range(2)]).astype("int32")  # each sample its own
+    query_ids = ops.convert_to_tensor(ids)
+    weights = ops.convert_to_tensor(rng.normal(size=(2, 4, 2, 8)).astype("float32"))
+
+    def rows_of_full(x):
+        return ops.take_along_axis(attention(x, fused=fused), ops.convert_to_tensor(ids[:, :, None, None]), axis=1)
+
+    chosen = to_numpy(attention(ops.convert_to_tensor(qkv), fused=fused, query_ids=query_ids))
+    assert chosen.shape == (2, 4, 2, 8)
+    np.testing.assert_allclose(chosen, to_numpy(rows_of_full(ops.convert_to_tensor(qkv))), rtol=1e-5, atol=1e-6)
+    subset = gradient(lambda x: ops.sum(attention(x, fused=fused, query_ids=query_ids) * weights), qkv)
+    full = gradient(lambda x: ops.sum(rows_of_full(x) * weights), qkv)
+    np.testing.assert_allclose(subset, full, rtol=1e-4, atol=1e-6)
+
+
 def test_gelu_is_the_exact_erf_gelu():
     x = np.linspace(-6, 6, 241, dtype=np.float32)
     expected = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
