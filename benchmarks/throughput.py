@@ -52,7 +52,7 @@ def training_flops(config, batch_size, mask_tokens_in_encoder=False, predicts_ev
     token plus the kept patches (all patches with `mask_tokens_in_encoder`), the decoder
     sees the class token plus all patches, and in training its last block's queries
     (all tokens are keys and values), and the head, run only on the removed patches
-    (JAX's cuDNN attention still attends from every token, 0.2 % of the FLOPs at B).
+    (JAX's cuDNN attention still attends from every token, 0.1 % more FLOPs at B).
     `predicts_every_patch` counts a decoder that predicts every patch in training
     (HuggingFace's ViTMAE).
     """
