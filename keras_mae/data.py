@@ -6,7 +6,7 @@ Sources (`load_source(spec)`):
   cache `~/.keras/datasets/fashion-mnist/`, then downloaded through keras.
 - `tfds:NAME[:SPLIT]`: any `tensorflow_datasets` dataset with an `image` feature.
 - a folder: every png/jpg/jpeg/bmp/gif below it; sub-folders are class labels when
-  images sit in them. Files that cannot be decoded are skipped with one warning.
+  images sit in them. Files that TensorFlow cannot decode are skipped with one warning.
 - `synthetic`: random shapes, for smoke tests only.
 
 Images reach the model as float32 in [0, 1], `(batch, height, width, channels)`.
@@ -200,15 +200,18 @@ def load_fashion_mnist(split="train", data_dir=None):
     )
 
 
-def _decodable(path):
-    from PIL import Image
+def _decodable(files):
+    """The `files` that the pipeline's own decoder reads, in order.
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return True
-    except Exception:
-        return False
+    Decoding them all once here, in parallel, leaves no file that would fail mid-epoch:
+    the pipeline then knows its length, so `fit` shows each epoch's progress and never
+    runs out of data.
+    """
+    checked = tf.data.Dataset.from_tensor_slices([str(path) for path in files]).map(
+        lambda path: (path, tf.shape(_decode_file(path))), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False
+    )
+    readable = {path.decode() for path, _ in checked.ignore_errors().as_numpy_iterator()}
+    return [path for path in files if str(path) in readable]
 
 
 def load_image_folder(folder):
@@ -220,7 +223,7 @@ def load_image_folder(folder):
     )
     if not files:
         raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
-    good = [p for p in files if _decodable(p)]
+    good = _decodable(files)
     if not good:
         raise DataError(f"None of the {len(files)} image files under {folder} can be decoded.")
     if len(good) < len(files):
@@ -359,9 +362,6 @@ def image_dataset(source, image_size, channels, with_labels=False):
             lambda path, label: (_decode_file(path), label),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        # The scan in load_image_folder drops undecodable files; this catches any that
-        # PIL reads but TensorFlow does not, instead of failing mid-epoch.
-        dataset = dataset.ignore_errors()
     else:
         dataset = source.dataset
     dataset = dataset.map(

@@ -97,6 +97,27 @@ def test_image_folder_with_classes_and_a_corrupt_file(tmp_path, channels):
     assert 0.0 <= images.min() and images.max() <= 1.0
 
 
+def test_image_folder_trains_epochs_of_known_length_despite_a_corrupt_file(tmp_path):
+    # Keras warns "Your input ran out of data" and shows no epoch total for a dataset of
+    # unknown length; the folder's pipeline knows its length because the scan leaves out
+    # every file its decoder cannot read.
+    import keras
+
+    from keras_mae import MaskedAutoencoder
+
+    with pytest.warns(UserWarning, match="Skipping 1 of 6"):
+        source = load_image_folder(image_folder(tmp_path))
+    pipeline = make_pipeline(source, (16, 16), 3, 2, seed=0)
+    assert int(pipeline.cardinality()) == 2  # 5 images, batches of 2, the partial one dropped
+    mae = MaskedAutoencoder.from_preset("mae_vit_debug_patch4", image_size=16)
+    mae.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = mae.fit(pipeline, epochs=2, verbose=0)
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
+    assert len(history.history["loss"]) == 2
+
+
 def test_image_folder_without_class_folders_has_no_labels(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     with warnings.catch_warnings():
