@@ -52,7 +52,8 @@ def build_parser():
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="fashion_mnist",
                       help="Labelled images: fashion_mnist (default), tfds:NAME (its train and test splits), "
-                           "or a folder with one sub-folder per class.")
+                           "tfds:NAME:SPLIT (SPLIT as TFDS writes it, e.g. train[:10%%]; --test-fraction of it "
+                           "held out), or a folder with one sub-folder per class.")
     data.add_argument("--data-dir", default=None, help="Where the dataset's files are (as in train.py).")
     data.add_argument("--image-size", type=int, default=None,
                       help="Must equal the encoder's image size if given; images are resized to it.")

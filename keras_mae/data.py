@@ -4,7 +4,8 @@ Sources (`load_source(spec)`):
 - `fashion_mnist`: the four IDX `.gz` files, looked up in `data_dir`, then
   `/usr/share/datasets/fashion-mnist/` (Debian's `dataset-fashion-mnist`), then keras'
   cache `~/.keras/datasets/fashion-mnist/`, then downloaded through keras.
-- `tfds:NAME[:SPLIT]`: any `tensorflow_datasets` dataset with an `image` feature.
+- `tfds:NAME[:SPLIT]`: any `tensorflow_datasets` dataset with an `image` feature; SPLIT
+  as TFDS writes it (`train`, `train[:10%]`, `train+test`).
 - a folder: every png/jpg/jpeg/bmp/gif below it; sub-folders are class labels when
   images sit in them. Files that TensorFlow cannot decode are skipped with one warning.
 - `synthetic`: random shapes, for smoke tests only.
@@ -94,6 +95,9 @@ class ImageSource:
             keep[indices] = True
             keep = tf.constant(keep)
             dataset = self.dataset.enumerate().filter(lambda i, example: keep[i]).map(lambda i, example: example)
+            # A filter hides the length from tf.data, and Keras warns of running out of data
+            # at the end of every pass over a dataset of unknown length.
+            dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(indices)))
         return dataclasses.replace(
             self,
             description=f"{self.description}, {description}",
@@ -267,15 +271,24 @@ def load_tfds(name, split="train", data_dir=None):
     except Exception as error:
         raise DataError(f"Could not download or prepare TFDS dataset {name!r}: {error}") from None
     splits = builder.info.splits
-    if splits and split not in splits:
-        raise DataError(f"TFDS dataset {name!r} has splits {list(splits)}, not {split!r}.")
+    num_examples = None  # unknown only under tfds.testing.mock_data, whose `splits` is empty
+    if splits:
+        try:  # TFDS parses slices and unions itself: train[:10%], train[1000:], train+test
+            num_examples = splits[split].num_examples
+        except (KeyError, ValueError) as error:
+            raise DataError(f"TFDS dataset {name!r} has no split {split!r} (its splits: {', '.join(splits)}; "
+                            f"slices such as train[:10%] and unions such as train+test work too). "
+                            f"{' '.join(str(error).split())}") from None
+        if num_examples <= 0:
+            raise DataError(f"TFDS split {name}:{split} holds no examples.")
     dataset = builder.as_dataset(split=split, shuffle_files=True)
     label = features["label"] if "label" in features else None
     class_names = tuple(label.names) if label is not None and hasattr(label, "names") else ()
     dataset = dataset.map(
         lambda example: (example["image"], example["label"] if class_names else tf.constant(-1, tf.int64))
     )
-    num_examples = splits[split].num_examples if split in splits else int(dataset.reduce(0, lambda n, _: n + 1))
+    if num_examples is None:
+        num_examples = int(dataset.reduce(0, lambda n, _: n + 1))
     return ImageSource(
         name=name,
         description=f"TFDS {name}:{split} ({num_examples} images)",
@@ -313,10 +326,10 @@ def load_source(spec, split="train", data_dir=None):
     if spec == "synthetic":
         return synthetic_source(seed=0 if split == "train" else 1)
     if spec.startswith("tfds:"):
-        parts = spec.split(":")
-        if len(parts) not in (2, 3) or not parts[1]:
+        name, has_split, own_split = spec[len("tfds:"):].partition(":")  # a split may hold colons: train[:10%]
+        if not name or has_split and not own_split:
             raise DataError(f"Expected tfds:NAME or tfds:NAME:SPLIT, got {spec!r}.")
-        return load_tfds(parts[1], parts[2] if len(parts) == 3 else split, data_dir)
+        return load_tfds(name, own_split or split, data_dir)
     if os.path.exists(spec) or os.sep in spec or spec.startswith(("~", ".")):
         return load_image_folder(spec)
     raise DataError(

@@ -18,6 +18,7 @@ from keras_mae.data import (
     make_pipeline,
     crop_and_flip_augmentation,
     read_idx,
+    with_test_split,
 )
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -147,11 +148,57 @@ def test_tfds_source_runs_the_real_loading_code_on_mock_data():
     assert 0 <= int(np.min(labels)) and int(np.max(labels)) < 10
 
 
+class KerasMaeTestShapes(tfds.core.GeneratorBasedBuilder):
+    """A real TFDS dataset built on disk by the tests: `mock_data` has no splits to slice."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 3)),
+            "label": tfds.features.ClassLabel(names=["dark", "light"]),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(20, seed=0), "test": self._generate_examples(6, seed=1)}
+
+    def _generate_examples(self, count, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(count):
+            yield i, {"image": np.full((8, 8, 3), 40 + 160 * (i % 2), np.uint8) + rng.integers(0, 20, (8, 8, 3), np.uint8),
+                      "label": i % 2}
+
+
+def test_tfds_splits_take_slices_and_unions_as_tfds_writes_them(tmp_path):
+    name = "tfds:keras_mae_test_shapes"
+    for split, count in [("train", 20), ("train[:50%]", 10), ("test[:3]", 3), ("train+test", 26)]:
+        source = load_source(f"{name}:{split}", data_dir=tmp_path)
+        assert source.num_examples == count and source.class_names == ("dark", "light"), split
+        images = np.concatenate(list(make_pipeline(source, (8, 8), 3, 4, training=False)))
+        assert images.shape == (count, 8, 8, 3), split
+    assert load_source(name, "test", data_dir=tmp_path).num_examples == 6
+    # An explicit split has no test split beside it: a stratified part is held out, and
+    # both parts keep a known length (else Keras warns of running out of data every pass).
+    kept, held_out = with_test_split(load_source(f"{name}:train[:50%]", data_dir=tmp_path), f"{name}:train[:50%]")
+    assert (kept.num_examples, held_out.num_examples) == (8, 2)
+    assert int(kept.dataset.cardinality()) == 8 and int(held_out.dataset.cardinality()) == 2
+    assert int(make_pipeline(kept, (8, 8), 3, 4).cardinality()) == 2
+    assert sorted(held_out.label_array().tolist()) == [0, 1]
+    with pytest.raises(DataError, match=r"has no split 'validation' \(its splits: train, test; slices"):
+        load_source(f"{name}:validation", data_dir=tmp_path)
+    with pytest.raises(DataError, match="no split 'train\\[:200%\\]'"):
+        load_source(f"{name}:train[:200%]", data_dir=tmp_path)
+    with pytest.raises(DataError, match=r"train\[5:2\] holds no examples"):
+        load_source(f"{name}:train[5:2]", data_dir=tmp_path)
+
+
 def test_tfds_errors_are_clear():
     with pytest.raises(DataError, match="Unknown TFDS dataset 'no_such_thing'"):
         load_source("tfds:no_such_thing")
     with pytest.raises(DataError, match="Expected tfds:NAME"):
         load_source("tfds:")
+    with pytest.raises(DataError, match="Expected tfds:NAME"):
+        load_source("tfds:cifar10:")
 
 
 def test_augmentation_keeps_shape_and_range():
