@@ -4,6 +4,8 @@ Accuracies are computed on NumPy arrays that came out of a model, so they are th
 same on every backend.
 """
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -36,9 +38,13 @@ def extract_features(encoder, dataset, pooling="avg", verbose=0):
     Returns `(features (N, D) float32, labels (N,) int)`; one-hot labels are turned
     back into class indices.
     """
-    outputs = PooledEncoder(encoder, pooling).predict(
-        dataset.map(lambda images, labels: ((images, labels),)), verbose=verbose
-    )
+    with warnings.catch_warnings():
+        # Keras says "ran out of data; interrupting training" at the end of a dataset of
+        # unknown length (a generator, a filter); reading to the end is the point here.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        outputs = PooledEncoder(encoder, pooling).predict(
+            dataset.map(lambda images, labels: ((images, labels),)), verbose=verbose
+        )
     labels = np.asarray(outputs["labels"])
     labels = labels.argmax(-1) if labels.ndim > 1 else labels
     return np.asarray(outputs["features"], dtype="float32"), labels.astype("int64")
