@@ -281,7 +281,12 @@ def load_tfds(name, split="train", data_dir=None):
                             f"{' '.join(str(error).split())}") from None
         if num_examples <= 0:
             raise DataError(f"TFDS split {name}:{split} holds no examples.")
-    dataset = builder.as_dataset(split=split, shuffle_files=True)
+    # Shards in a shuffled order, but the same one on every pass: `take` and `select`
+    # (a held-out test part) pick examples by position, and with the order TFDS draws
+    # anew each pass they would pick other examples each time (the test part leaking
+    # into training). The pipeline's own shuffle still mixes every epoch.
+    read_config = tfds.ReadConfig(shuffle_seed=0, shuffle_reshuffle_each_iteration=False)
+    dataset = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
     label = features["label"] if "label" in features else None
     class_names = tuple(label.names) if label is not None and hasattr(label, "names") else ()
     dataset = dataset.map(

@@ -18,6 +18,7 @@ from keras_mae.data import (
     make_pipeline,
     crop_and_flip_augmentation,
     read_idx,
+    stratified_split,
     with_test_split,
 )
 
@@ -163,10 +164,28 @@ class KerasMaeTestShapes(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(20, seed=0), "test": self._generate_examples(6, seed=1)}
 
     def _generate_examples(self, count, seed):
-        rng = np.random.default_rng(seed)
         for i in range(count):
-            yield i, {"image": np.full((8, 8, 3), 40 + 160 * (i % 2), np.uint8) + rng.integers(0, 20, (8, 8, 3), np.uint8),
-                      "label": i % 2}
+            image = np.full((8, 8, 3), 40 + 160 * (i % 2), np.uint8)
+            image[0, 0, 0] = 100 * seed + i  # which example it is
+            yield i, {"image": image, "label": i % 2}
+
+
+def example_ids(dataset):
+    return [int(image[0, 0, 0]) for image, _ in dataset.as_numpy_iterator()]
+
+
+def test_tfds_subsets_hold_the_same_examples_on_every_pass(tmp_path):
+    # In several shards, which TFDS reads in a shuffled order: a held-out part chosen by
+    # position must not become other examples on the next pass (test images in training).
+    tfds.builder("keras_mae_test_shapes", data_dir=tmp_path).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
+    source = load_source("tfds:keras_mae_test_shapes:train", data_dir=tmp_path)
+    kept, held_out = stratified_split(source, 0.25)
+    first_kept, first_held_out = example_ids(kept.dataset), example_ids(held_out.dataset)
+    assert sorted(first_kept + first_held_out) == list(range(20))
+    for _ in range(2):
+        assert example_ids(kept.dataset) == first_kept and example_ids(held_out.dataset) == first_held_out
+    assert example_ids(source.take(5).dataset) == example_ids(source.take(5).dataset)
 
 
 def test_tfds_splits_take_slices_and_unions_as_tfds_writes_them(tmp_path):
