@@ -13,8 +13,8 @@ head are trained on its pooled features, which are computed once (no augmentatio
 smoothing and optionally mixup/cutmix (the paper's recipe, scaled to short runs).
 
 Writes --output-dir: classifier.keras (images in [0, 1] -> class probabilities; class
-names inside), metrics.json (top-1, top-5, per-class accuracy, confusion matrix, the
-exact config), confusion_matrix.png, history.csv, training_curves.png, and a checkpoint
+names inside), metrics.json (top-1, top-5 for more than 5 classes, per-class accuracy,
+confusion matrix, the exact config), confusion_matrix.png, history.csv, training_curves.png, and a checkpoint
 that --resume continues from. The last line printed is `test_accuracy=<float>`.
 
 Runs under KERAS_BACKEND=tensorflow, jax or torch.
@@ -241,8 +241,9 @@ def main(argv=None):
     optimizer = AdamW(schedule, classifier.layer_decay_multipliers(decay), weight_decay=weight_decay,
                       beta_1=0.9, beta_2=0.999)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=args.label_smoothing)
-    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
-               keras.metrics.TopKCategoricalAccuracy(min(5, num_classes), name="top5_accuracy")]
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes > 5:  # with 5 classes or fewer, top-5 accuracy is always 1
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
 
     def one_hot(images, labels):
         return images, tf.one_hot(labels, num_classes)
@@ -371,8 +372,9 @@ def main(argv=None):
                                               run_dir / "serving" / "classifier"):
         print("finetune.py: error: exporting the classifier failed (classifier.keras is saved).", file=sys.stderr)
         sys.exit(1)
-    print(f"Done in {time.time() - started_at:.0f} s. Top-1 {results['top1_accuracy']:.4f}, "
-          f"top-5 {results['top5_accuracy']:.4f} on {results['num_examples']} test images.")
+    top5 = f", top-5 {results['top5_accuracy']:.4f}" if "top5_accuracy" in results else ""
+    print(f"Done in {time.time() - started_at:.0f} s. Top-1 {results['top1_accuracy']:.4f}{top5} "
+          f"on {results['num_examples']} test images.")
     print(f"Wrote {run_dir}/: classifier.keras, metrics.json, confusion_matrix.png, history.csv, "
           "training_curves.png, config.json.")
     print(f"test_accuracy={results['top1_accuracy']:.6f}")

@@ -2,12 +2,13 @@ import warnings
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from keras import ops
 
 from conftest import random_images, tiny_mae
 from keras_mae.classifier import pool_tokens
-from keras_mae.evaluation import extract_features
+from keras_mae.evaluation import classification_report, extract_features
 
 
 def test_extract_features_does_not_read_the_dataset_twice_and_keeps_labels_in_order():
@@ -37,3 +38,18 @@ def test_extract_features_does_not_read_the_dataset_twice_and_keeps_labels_in_or
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
     one_hot = tf.data.Dataset.from_tensor_slices((images, keras.utils.to_categorical(labels, 10))).batch(4)
     np.testing.assert_array_equal(extract_features(encoder, one_hot)[1], labels)
+
+
+def test_classification_report_counts_top5_only_where_it_can_miss():
+    labels = np.array([0, 1, 2, 3, 4, 5, 6])
+    probabilities = np.full((7, 7), 0.01)
+    probabilities[np.arange(7), (labels + 1) % 7] = 0.5  # top-1 wrong everywhere
+    probabilities[np.arange(6), labels[:6]] = 0.2  # second for six of seven, so in their top 5
+    probabilities[6, :] = [0.3, 0.1, 0.2, 0.25, 0.22, 0.21, 0.0]  # class 6 last
+    report = classification_report(probabilities, labels, [str(c) for c in range(7)])
+    assert report["top1_accuracy"] == 0
+    assert report["top5_accuracy"] == pytest.approx(6 / 7)
+    assert report["confusion_matrix"][6][0] == 1 and report["num_examples"] == 7
+    few = classification_report(probabilities[:, :4] / probabilities[:, :4].sum(1, keepdims=True), labels % 4,
+                                ["a", "b", "c", "d"])
+    assert "top5_accuracy" not in few and set(few["per_class_accuracy"]) == {"a", "b", "c", "d"}

@@ -77,6 +77,7 @@ def test_linear_probe_keeps_the_encoder_frozen_and_writes_consistent_metrics(cap
     assert float(last.split("=")[1]) == pytest.approx(metrics["top1_accuracy"], abs=1e-6)
     assert 0 <= metrics["knn_accuracy"] <= 1 and metrics["num_examples"] == 51
     assert set(metrics["per_class_accuracy"]) == {"0", "1", "2", "3"}
+    assert "top5_accuracy" not in metrics and "top-5" not in out  # always 1 with 4 classes: no figure
     assert np.sum(metrics["confusion_matrix"]) == 51
     assert losses(out_dir)[-1] < losses(out_dir)[0]
 
