@@ -15,6 +15,7 @@ Images reach the model as float32 in [0, 1], `(batch, height, width, channels)`.
 
 import contextlib
 import dataclasses
+import difflib
 import gzip
 import os
 import warnings
@@ -261,6 +262,11 @@ def load_tfds(name, split="train", data_dir=None):
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        # TFDS's own message lists all ~450 datasets; name the nearest few instead.
+        close = difflib.get_close_matches(name.lower(), tfds.list_builders(with_community_datasets=False), n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise DataError(f"Unknown TFDS dataset {name!r}.{hint} `tfds.list_builders()` lists them all.") from None
     except Exception as error:
         raise DataError(f"Unknown TFDS dataset {name!r}: {error}") from None
     features = builder.info.features

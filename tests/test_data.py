@@ -212,12 +212,25 @@ def test_tfds_splits_take_slices_and_unions_as_tfds_writes_them(tmp_path):
 
 
 def test_tfds_errors_are_clear():
-    with pytest.raises(DataError, match="Unknown TFDS dataset 'no_such_thing'"):
+    with pytest.raises(DataError, match="Unknown TFDS dataset 'no_such_thing'") as raised:
         load_source("tfds:no_such_thing")
+    assert len(str(raised.value).splitlines()) == 1  # not TFDS's list of every dataset
+    with pytest.raises(DataError, match=r"Unknown TFDS dataset 'cifar_10'\. Did you mean 'cifar10'"):
+        load_source("tfds:cifar_10")
     with pytest.raises(DataError, match="Expected tfds:NAME"):
         load_source("tfds:")
     with pytest.raises(DataError, match="Expected tfds:NAME"):
         load_source("tfds:cifar10:")
+
+
+def test_tfds_can_prepare_its_registered_datasets_with_the_requirements():
+    # Preparing a TFDS dataset checks its downloads against registered checksums, which
+    # TFDS finds through `importlib_resources`, a package it imports but does not declare.
+    urls = tfds.builder("fashion_mnist").url_infos
+    assert sorted(url.rsplit("/", 1)[1] for url in urls) == [
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+    ]
 
 
 def test_augmentation_keeps_shape_and_range():
