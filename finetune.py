@@ -14,8 +14,8 @@ smoothing and optionally mixup/cutmix (the paper's recipe, scaled to short runs)
 
 Writes --output-dir: classifier.keras (images in [0, 1] -> class probabilities; class
 names inside), metrics.json (top-1, top-5 for more than 5 classes, per-class accuracy,
-confusion matrix, the exact config), confusion_matrix.png, history.csv, training_curves.png, and a checkpoint
-that --resume continues from. The last line printed is `test_accuracy=<float>`.
+confusion matrix, the exact config), confusion_matrix.png, history.csv,
+training_curves.png, and a checkpoint that --resume continues from. The last line printed is `test_accuracy=<float>`.
 
 Runs under KERAS_BACKEND=tensorflow, jax or torch.
 """
