@@ -256,6 +256,8 @@ def test_augmented_pipeline_holds_back_only_the_loop_fallback_notices():
 
     augment = crop_and_flip_augmentation((16, 16), seed=0)
     records = Records()
+    level = tf.get_logger().level
+    tf.get_logger().setLevel("WARNING")  # as TensorFlow starts; finetune.py's main, run by other tests, raises it
     tf.get_logger().addHandler(records)
     try:
         make_pipeline(load_source("synthetic").take(8), (16, 16), 3, 4, augment=augment)
@@ -264,6 +266,7 @@ def test_augmented_pipeline_holds_back_only_the_loop_fallback_notices():
         tf.function(augment).get_concrete_function(tf.TensorSpec((4, 16, 16, 3), tf.float32))
     finally:
         tf.get_logger().removeHandler(records)
+        tf.get_logger().setLevel(level)
     assert not fallback_notices(in_pipeline)
     assert fallback_notices(records.messages)  # the control: traced outside the pipeline, they show
     assert "an unrelated TensorFlow warning" in records.messages
