@@ -30,7 +30,8 @@ def build_parser():
     data.add_argument("--dataset", default="fashion_mnist",
                       help="fashion_mnist (default), tfds:NAME[:SPLIT] (SPLIT as TFDS writes it: train, "
                            "train[:10%%], train+test), a folder of images "
-                           "(png, jpg, bmp, gif; searched recursively), or synthetic (smoke tests).")
+                           "(png, jpg, bmp, gif, webp; searched recursively, hidden files left out), or "
+                           "synthetic (smoke tests).")
     data.add_argument("--data-dir", default=None,
                       help="Where the dataset's files are: the Fashion-MNIST IDX .gz files, or "
                            "TFDS's data_dir. Default: the standard places, see README.")

@@ -6,17 +6,20 @@ Sources (`load_source(spec)`):
   cache `~/.keras/datasets/fashion-mnist/`, then downloaded through keras.
 - `tfds:NAME[:SPLIT]`: any `tensorflow_datasets` dataset with an `image` feature; SPLIT
   as TFDS writes it (`train`, `train[:10%]`, `train+test`).
-- a folder: every png/jpg/jpeg/bmp/gif below it; sub-folders are class labels when
-  images sit in them. Files that TensorFlow cannot decode are skipped with one warning.
+- a folder: every png/jpg/jpeg/bmp/gif/webp below it, hidden files and folders left out;
+  sub-folders are class labels when images sit in them. Files that TensorFlow cannot
+  decode, and images in other formats (tiff, heic, ...), are skipped with one warning each.
 - `synthetic`: random shapes, for smoke tests only.
 
 Images reach the model as float32 in [0, 1], `(batch, height, width, channels)`.
 """
 
+import collections
 import contextlib
 import dataclasses
 import difflib
 import gzip
+import mimetypes
 import os
 import warnings
 from pathlib import Path
@@ -36,7 +39,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what tf.io.decode_image reads
 
 
 class DataError(ValueError):
@@ -219,15 +222,41 @@ def _decodable(files):
     return [path for path in files if str(path) in readable]
 
 
+def _count_by_suffix(paths):
+    """'15 .tif, 2 .heic': how many of `paths` have each extension, most common first."""
+    counts = collections.Counter(p.suffix.lower() for p in paths)
+    return ", ".join(f"{n} {suffix}" for suffix, n in counts.most_common())
+
+
 def load_image_folder(folder):
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"Dataset folder {folder} does not exist.")
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    # Hidden entries are not the user's images: .DS_Store, .ipynb_checkpoints/ copies,
+    # the ._name resource forks of an archive unpacked from macOS.
+    visible = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+    files = [p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS]
+    # Images in a format the decoder lacks would otherwise vanish without a word.
+    unreadable = [
+        p for p in visible if p.suffix.lower() not in IMAGE_EXTENSIONS
+        and (mimetypes.guess_type(p.name, strict=False)[0] or "").startswith("image/")
+    ]
+    formats = ", ".join(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
     if not files:
-        raise DataError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise DataError(
+            f"{folder} holds no image files ({formats})"
+            + (f"; convert its other images ({_count_by_suffix(unreadable)}) to PNG or JPEG." if unreadable else ".")
+        )
+    if unreadable:
+        warnings.warn(
+            f"Skipping {len(unreadable)} image{'s' if len(unreadable) > 1 else ''} under {folder} in "
+            f"formats TensorFlow cannot decode "
+            f"({_count_by_suffix(unreadable)}); convert them to PNG or JPEG to use them.",
+            stacklevel=2,
+        )
     good = _decodable(files)
     if not good:
         raise DataError(f"None of the {len(files)} image files under {folder} can be decoded.")

@@ -128,6 +128,37 @@ def test_image_folder_without_class_folders_has_no_labels(tmp_path):
     assert source.num_examples == 1 and not source.has_labels
 
 
+def test_image_folder_reads_webp_leaves_out_hidden_files_and_names_unreadable_formats(tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    for folder in ("cats", "dogs", ".ipynb_checkpoints"):
+        (tmp_path / folder).mkdir()
+    Image.fromarray(pixels).save(tmp_path / "cats" / "photo.webp")
+    Image.fromarray(pixels).save(tmp_path / "cats" / "scan.tif")
+    Image.fromarray(pixels).save(tmp_path / "dogs" / "photo.png")
+    Image.fromarray(pixels).save(tmp_path / ".ipynb_checkpoints" / "copy.png")  # would be a third class
+    (tmp_path / "dogs" / "._photo.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "dogs" / "labels.csv").write_text("photo.png,dog\n")  # not an image: no word about it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = load_image_folder(tmp_path)
+    assert [str(w.message) for w in caught] == [
+        f"Skipping 1 image under {tmp_path} in formats TensorFlow cannot decode (1 .tif); "
+        "convert them to PNG or JPEG to use them."
+    ]
+    assert source.num_examples == 2 and source.class_names == ("cats", "dogs")
+    assert [Path(f).name for f in source.files] == ["photo.webp", "photo.png"]
+    images, labels = next(iter(make_pipeline(source, (16, 16), 3, 2, training=False, with_labels=True)))
+    assert images.shape == (2, 16, 16, 3) and sorted(np.asarray(labels).tolist()) == [0, 1]
+
+    (tmp_path / "cats" / "photo.webp").unlink()
+    (tmp_path / "dogs" / "photo.png").unlink()
+    Image.fromarray(pixels).save(tmp_path / "dogs" / "scan.tiff")
+    with pytest.raises(DataError, match=r"holds no image files \(png, .*webp\); convert its other images "
+                                        r"\(1 .tif, 1 .tiff\) to PNG or JPEG"):
+        load_image_folder(tmp_path)
+
+
 def test_unusable_folders_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_image_folder(tmp_path / "missing")
