@@ -182,9 +182,11 @@ def main(argv=None):
     from keras_mae.evaluation import classification_report, extract_features, knn_accuracy
     from keras_mae.models import MaskedAutoencoder
     from keras_mae.optimizers import AdamW, WarmupCosineDecay
-    from keras_mae.runs import RunFolderError, dataset_slug, export_saved_model, prepare_run_dir, trim_history
+    from keras_mae.runs import (RunFolderError, brief_warnings, counted, dataset_slug, export_saved_model,
+                                prepare_run_dir, trim_history)
     from keras_mae.visualize import read_history, save_confusion_matrix, save_training_curves
 
+    brief_warnings("finetune.py")
     started_at = time.time()
     tf.get_logger().setLevel("ERROR")  # retracing notes of predict's last, smaller batch
     keras.utils.set_random_seed(args.seed)
@@ -340,7 +342,8 @@ def main(argv=None):
     mode_text = {"linear": "linear probe", "partial": f"partial fine-tuning (last {args.blocks} blocks)",
                  "full": "full fine-tuning"}[args.mode]
     print(f"{mode_text.capitalize()} on {train_source.num_examples} images, {num_classes} classes: "
-          f"{args.epochs} epochs of {steps_per_epoch} steps, batch {args.batch_size}, lr {learning_rate:.3g}, "
+          f"{counted(args.epochs, 'epoch')} of {counted(steps_per_epoch, 'step')}, batch {args.batch_size}, "
+          f"lr {learning_rate:.3g}, "
           f"{len(classifier.trainable_weights)} trainable weight tensors "
           f"({sum(int(np.prod(v.shape)) for v in classifier.trainable_weights):,} parameters).")
     if initial_epoch < args.epochs:

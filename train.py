@@ -193,9 +193,11 @@ def main(argv=None):
     from keras_mae.distribute import process_index, strategy_scope
     from keras_mae.optimizers import AdamW, WarmupCosineDecay
     from keras_mae.presets import check_preset
-    from keras_mae.runs import RunFolderError, dataset_slug, export_saved_model, prepare_run_dir, trim_history
+    from keras_mae.runs import (RunFolderError, brief_warnings, counted, dataset_slug, export_saved_model,
+                                prepare_run_dir, trim_history)
     from keras_mae.visualize import read_history, save_loss_curve
 
+    brief_warnings("train.py")
     started_at = time.time()
     try:
         preset = check_preset(args.preset)
@@ -313,8 +315,8 @@ def main(argv=None):
     ]
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
     print(f"Pre-training {args.preset} ({mae.count_params():,} parameters) on {image_size}x{image_size}x"
-          f"{channels} images: {args.epochs} epochs of {steps_per_epoch} steps, batch {args.batch_size}, "
-          f"lr {learning_rate:.3g}.")
+          f"{channels} images: {counted(args.epochs, 'epoch')} of {counted(steps_per_epoch, 'step')}, "
+          f"batch {args.batch_size}, lr {learning_rate:.3g}.")
     try:
         history = mae.fit(train_data, epochs=args.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
                           verbose=verbose, shuffle=False)  # the pipeline shuffles

@@ -1,11 +1,35 @@
 """What train.py and finetune.py share about their run folders: creating one safely,
-trimming the history to a resumed epoch, exporting from it in a child process."""
+trimming the history to a resumed epoch, exporting from it in a child process; and how
+they show this project's warnings."""
 
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def brief_warnings(prog):
+    """Shows this project's own warnings (a skipped file, a fallback taken) as one
+    `prog: warning: ...` line, like its errors, rather than with Python's file:line
+    header and source line. Other libraries' warnings, and recorded ones, are unchanged."""
+    default = getattr(warnings.formatwarning, "__wrapped__", warnings.formatwarning)
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(PROJECT):
+            return f"{prog}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    format_warning.__wrapped__ = default
+    warnings.formatwarning = format_warning
+
+
+def counted(number, noun):
+    """'1 epoch', '4 epochs': a count with its noun in the right number."""
+    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 def dataset_slug(spec):
@@ -51,8 +75,7 @@ def trim_history(history_path, epochs):
 def export_saved_model(model_path, kind, output):
     """`python -m keras_mae.export` in a child process (it needs the TensorFlow
     backend, whatever this process runs); True when it succeeded."""
-    project = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "keras_mae.export", str(model_path), "--kind", kind, "--output", str(output),
                "--overwrite"]
     return subprocess.call(command, env=env) == 0

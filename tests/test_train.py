@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -67,6 +68,27 @@ def test_bad_input_is_one_clear_line_and_exit_status_2(tmp_path, capsys):
         assert code == 2, argv
         assert err.splitlines()[-1].startswith("train.py: error:") and message in err.splitlines()[-1], (argv, err)
         assert "Traceback" not in err
+
+
+def test_warnings_of_the_project_read_as_one_line_and_others_keep_their_format(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from keras_mae.data import load_image_folder
+    from keras_mae.runs import brief_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back afterwards
+    brief_warnings("train.py")
+    brief_warnings("train.py")  # main() may run twice in one process: still one prefix
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")
+    with warnings.catch_warnings(record=True) as caught:  # pytest records warnings: format them as Python would
+        warnings.simplefilter("always")
+        load_image_folder(tmp_path)
+        warnings.warn_explicit("a library's own warning", UserWarning, "/elsewhere/library.py", 7)
+    assert [warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught] == [
+        f"train.py: warning: Skipping 1 of 2 image files under {tmp_path} that cannot be decoded.\n",
+        "/elsewhere/library.py:7: UserWarning: a library's own warning\n",
+    ]
 
 
 def test_existing_run_folder_is_not_overwritten_by_accident(tmp_path, capsys):
