@@ -113,24 +113,33 @@ class ImageSource:
         )
 
 
-def stratified_indices(labels, fraction, seed=0):
-    """Sorted indices of `fraction` of each class (rounded, at least one per class)."""
+def stratified_indices(labels, fraction, seed=0, keep=0):
+    """Sorted indices of `fraction` of each class (rounded, at least one per class), but
+    never so many that fewer than `keep` of a class are left out."""
     rng = np.random.default_rng(seed)
     chosen = []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        count = max(1, int(round(fraction * len(members))))
-        chosen.append(rng.choice(members, size=min(count, len(members)), replace=False))
+        count = min(max(1, int(round(fraction * len(members)))), len(members) - keep)
+        chosen.append(rng.choice(members, size=max(count, 0), replace=False))
     return np.sort(np.concatenate(chosen))
 
 
 def stratified_split(source, fraction, seed=0):
-    """`(rest, held_out)`: `fraction` of every class held out, for sources without a test split."""
+    """`(rest, held_out)`: `fraction` of every class held out, for sources without a test
+    split. A class of one example stays whole in `rest` (untested, but learnable)."""
     labels = source.label_array()
-    held_out = stratified_indices(labels, fraction, seed)
+    held_out = stratified_indices(labels, fraction, seed, keep=1)
+    if not len(held_out):
+        raise DataError(f"{source.description} is too small to hold out {fraction:.0%} for testing: "
+                        "no class has two images.")
+    values, counts = np.unique(labels, return_counts=True)
+    single = [repr(source.class_names[label]) if source.class_names else str(label) for label in values[counts == 1]]
+    if single:
+        warnings.warn(f"Class {', '.join(single)} has one image: kept for training, not tested." if len(single) == 1
+                      else f"Classes {', '.join(single)} have one image each: kept for training, not tested.",
+                      stacklevel=2)
     rest = np.setdiff1d(np.arange(len(labels)), held_out)
-    if not len(rest):
-        raise DataError(f"{source.description} is too small to hold out {fraction:.0%} for testing.")
     return (source.select(rest, f"{len(rest)} kept for training"),
             source.select(held_out, f"{len(held_out)} held out for testing"))
 

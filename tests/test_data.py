@@ -205,6 +205,25 @@ def example_ids(dataset):
     return [int(image[0, 0, 0]) for image, _ in dataset.as_numpy_iterator()]
 
 
+def test_held_out_split_leaves_every_class_something_to_learn_from(tmp_path):
+    for name, count in [("many", 4), ("single", 1), ("solo", 1)]:
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / name / f"{i}.png")
+    source = load_image_folder(tmp_path)
+    with pytest.warns(UserWarning, match="Classes 'single', 'solo' have one image each: kept for training, not"):
+        kept, held_out = stratified_split(source, 0.25)
+    assert sorted(kept.labels.tolist()) == [0, 0, 0, 1, 2] and held_out.labels.tolist() == [0]
+    for name in ("many", "solo"):
+        for path in (tmp_path / name).iterdir():
+            path.unlink()
+        (tmp_path / name).rmdir()
+    (tmp_path / "other").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "other" / "0.png")
+    with pytest.raises(DataError, match="too small to hold out 25% for testing: no class has two images"):
+        stratified_split(load_image_folder(tmp_path), 0.25)
+
+
 def test_tfds_subsets_hold_the_same_examples_on_every_pass(tmp_path):
     # In several shards, which TFDS reads in a shuffled order: a held-out part chosen by
     # position must not become other examples on the next pass (test images in training).

@@ -152,6 +152,9 @@ def test_stratified_fraction_keeps_every_class_in_proportion():
     assert np.bincount(labels[chosen]).tolist() == [10, 5, 2, 1, 1]  # at least one per class
     assert np.array_equal(chosen, np.unique(chosen))
     assert not np.array_equal(chosen, stratified_indices(labels, 0.1, seed=4))
+    held_out = stratified_indices(labels, 0.5, seed=3, keep=1)  # a test split leaves some of each class
+    assert np.bincount(labels[held_out]).tolist() == [50, 25, 10, 5, 2]
+    assert np.bincount(labels[stratified_indices(np.array([0, 0, 1]), 0.5, keep=1)]).tolist() == [1]
 
 
 def test_knn_accuracy():
