@@ -159,6 +159,19 @@ def test_image_folder_reads_webp_leaves_out_hidden_files_and_names_unreadable_fo
         load_image_folder(tmp_path)
 
 
+def test_a_large_folder_says_that_it_decodes_every_file_first(tmp_path, capsys, monkeypatch):
+    import keras_mae.data
+
+    monkeypatch.setattr(keras_mae.data, "SCAN_NOTICE_FROM", 3)
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    load_image_folder(tmp_path)
+    assert capsys.readouterr().out == ""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "2.png")
+    assert load_image_folder(tmp_path).num_examples == 3
+    assert capsys.readouterr().out.startswith("Decoding each of the 3 image files once")
+
+
 def test_unusable_folders_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_image_folder(tmp_path / "missing")
