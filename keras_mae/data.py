@@ -225,7 +225,7 @@ def _decodable(files):
 
     Decoding them all once here, in parallel, leaves no file that would fail mid-epoch:
     the pipeline then knows its length, so `fit` shows each epoch's progress and never
-    runs out of data. It costs about one epoch of decoding (200 three-megapixel JPEGs a
+    runs out of data. It costs about one epoch of decoding (150 three-megapixel JPEGs a
     second on 2 cores), so a large folder says what it is doing, with a progress bar on a
     terminal.
     """
