@@ -172,6 +172,33 @@ def test_a_large_folder_says_that_it_decodes_every_file_first(tmp_path, capsys, 
     assert capsys.readouterr().out.startswith("Decoding each of the 3 image files once")
 
 
+def test_large_jpegs_are_decoded_at_the_smallest_scale_that_still_covers_the_model_size(tmp_path):
+    from keras_mae.data import _decode_file, image_dataset
+
+    y, x = np.mgrid[0:200, 0:120] / 100.0  # smooth, photo-like content: two gradients and a disc
+    pixels = np.stack([np.sin(3 * x + y), np.cos(2 * y), ((x - 0.6) ** 2 + (y - 1) ** 2 < 0.2) * 1.6 - 0.8], -1)
+    pixels = ((pixels * 0.5 + 0.5) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    shape = lambda name, at_least: tuple(_decode_file(str(tmp_path / name), at_least).shape)  # noqa: E731
+    assert shape("photo.jpg", None) == (200, 120, 3)
+    assert shape("photo.jpg", (1, 1)) == (25, 15, 3)  # 1/8
+    assert shape("photo.jpg", (16, 16)) == (50, 30, 3)  # 1/4: at 1/8 the width, 15, would not cover 16
+    assert shape("photo.jpg", (100, 60)) == (100, 60, 3)  # 1/2, exactly
+    assert shape("photo.jpg", (101, 60)) == (200, 120, 3)  # full size
+    assert shape("photo.png", (1, 1)) == (200, 120, 3)  # only libjpeg decodes to a smaller scale
+
+    # What reaches the model hardly changes: the pipeline's 24 x 24 images against the full
+    # decode resized directly.
+    full = tf.image.resize(tf.io.decode_jpeg(tf.io.read_file(str(tmp_path / "photo.jpg"))), (24, 24), antialias=True)
+    source = load_image_folder(tmp_path)
+    images = np.stack(list(image_dataset(source, (24, 24), 3).as_numpy_iterator()))
+    assert images.shape == (2, 24, 24, 3)
+    for image in images:  # the JPEG at 1/4 scale, and the PNG (no JPEG loss, full size)
+        difference = np.abs(image * 255 - full.numpy())
+        assert difference.mean() < 1.5 and difference.max() < 20  # unfiltered subsampling: 2.2 and 66
+
+
 def test_unusable_folders_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_image_folder(tmp_path / "missing")
