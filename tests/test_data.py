@@ -368,3 +368,21 @@ def test_training_pipeline_shuffles_augments_and_drops_the_last_partial_batch():
     augment = crop_and_flip_augmentation((32, 32), seed=0)
     batches = list(make_pipeline(source, (32, 32), 3, 16, augment=augment, seed=3))
     assert [b.shape[0] for b in batches] == [16, 16, 16]
+
+
+def test_pipeline_keeps_uint8_pixels_until_the_batch_and_gives_the_model_the_same_images(tmp_path):
+    # The cache and the shuffle buffer hold uint8 (a quarter of float32); the model still
+    # gets float32 in [0, 1], equal to the float images of image_dataset.
+    from keras_mae.data import image_dataset
+
+    rng = np.random.default_rng(4)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (30 + i, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    source = load_image_folder(tmp_path)
+    pixels = np.stack(list(image_dataset(source, (16, 16), 1, as_pixels=True).as_numpy_iterator()))
+    floats = np.stack(list(image_dataset(source, (16, 16), 1).as_numpy_iterator()))
+    assert pixels.dtype == np.uint8 and pixels.shape == (6, 16, 16, 1) and len(np.unique(pixels)) > 20
+    np.testing.assert_array_equal(floats, pixels.astype(np.float32) / 255)
+    batches = list(make_pipeline(source, (16, 16), 1, 4, training=False))
+    assert [b.dtype for b in batches] == [np.float32, np.float32]
+    np.testing.assert_array_equal(np.concatenate(batches), floats)
