@@ -308,7 +308,7 @@ def load_image_folder(folder):
     return ImageSource(
         name=folder.name,
         description=f"{len(good)} images from {folder}"
-        + (f" in {len(classes)} classes" if classes else " (no class sub-folders)"),
+        + (f" in {len(classes)} class{'es' * (len(classes) != 1)}" if classes else " (no class sub-folders)"),
         num_examples=len(good),
         num_channels=3,
         class_names=tuple(classes),
