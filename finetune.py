@@ -253,7 +253,7 @@ def main(argv=None):
     def pipeline(source, training):
         augment = None
         if training and args.mode != "linear" and not args.no_augment:
-            augment = crop_and_flip_augmentation(size, crop_area=(0.35, 1.0), seed=args.seed)
+            augment = crop_and_flip_augmentation(size, crop_area=(0.35, 1.0))
         data = make_pipeline(source, size, channels, args.batch_size, training=training, augment=augment,
                              with_labels=True, seed=args.seed)
         data = data.map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)

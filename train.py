@@ -249,7 +249,7 @@ def main(argv=None):
 
     size = (image_size, image_size)
     try:
-        augment = None if args.no_augment else crop_and_flip_augmentation(size, seed=args.seed)
+        augment = None if args.no_augment else crop_and_flip_augmentation(size)
         train_data = make_pipeline(source, size, channels, args.batch_size, augment=augment, seed=args.seed)
         preview_source = load_source(args.dataset, "test", args.data_dir) if args.dataset == "fashion_mnist" else source
         preview = np.stack(list(image_dataset(preview_source, size, channels).take(args.num_reconstructions).as_numpy_iterator()))

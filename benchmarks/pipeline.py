@@ -34,7 +34,7 @@ def main(argv=None):
     except DataError as error:
         sys.exit(f"error: {error}")
     size = args.image_size or (source.images.shape[1] if source.images is not None else 32)
-    augment = None if args.no_augment else crop_and_flip_augmentation((size, size), seed=0)
+    augment = None if args.no_augment else crop_and_flip_augmentation((size, size))
     cache = {"cache_limit_bytes": 0} if args.no_cache else {}
     dataset = make_pipeline(source, (size, size), args.channels or source.num_channels, args.batch_size, augment=augment,
                             **cache)
