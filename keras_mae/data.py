@@ -513,18 +513,16 @@ def make_pipeline(
     if training:
         dataset = dataset.shuffle(min(shuffle_buffer, source.num_examples), seed=seed)
     dataset = dataset.batch(batch_size, drop_remainder=training)
-    if not (training and augment is not None):
-        prepare = (lambda x, y: (to_model_images(x), y)) if with_labels else to_model_images
-        return dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
+    augmenting = training and augment is not None
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip(dataset, seeds)
-    if with_labels:
-        dataset = dataset.map(lambda batch, pair: (augment(to_model_images(batch[0]), pair), batch[1]),
-                              num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        dataset = dataset.map(lambda pixels, pair: augment(to_model_images(pixels), pair),
-                              num_parallel_calls=tf.data.AUTOTUNE)
+
+    def prepare(batch, pair):
+        images = to_model_images(batch[0] if with_labels else batch)
+        if augmenting:
+            images = augment(images, pair)
+        return (images, batch[1]) if with_labels else images
+
+    dataset = tf.data.Dataset.zip(dataset, seeds).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -549,8 +547,8 @@ def crop_and_flip_augmentation(image_size, crop_area=(0.2, 1.0), aspect_ratio=(3
         area_seed, ratio_seed, top_seed, left_seed, flip_seed = tf.unstack(
             tf.random.experimental.stateless_split(seed, 5))
 
-        def uniform(seed, low=0.0, high=1.0):
-            return tf.random.stateless_uniform([count], seed, low, high)
+        def uniform(seed, minval=0.0, maxval=1.0):
+            return tf.random.stateless_uniform([count], seed, minval, maxval)
 
         area = uniform(area_seed, low, high)
         ratio = tf.exp(uniform(ratio_seed, *log_ratio))
