@@ -12,6 +12,7 @@ import pytest
 from keras import ops
 
 from conftest import tiny_mae
+from keras_mae.data import to_model_pixels
 from keras_mae.quantization import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,9 @@ for kind, path in json.loads(sys.argv[2]).items():
         key = f"{kind}/stored_{dtype}"
         results[key] = results.get(key, 0) + int(np.prod(shape))
     outputs = loaded.signatures["serving_default"](images=tf.constant(images))
+    if kind == "encoder":
+        larger = loaded.signatures["serving_default"](images=tf.constant(np.load(sys.argv[4])))
+        results["larger/tokens"] = larger["tokens"].numpy()
     for key, value in outputs.items():
         value = value.numpy()
         results[f"{kind}/{key}"] = value.astype(str) if value.dtype == object else value
@@ -40,6 +44,10 @@ for kind, path in json.loads(sys.argv[2]).items():
 assert "keras_mae" not in sys.modules
 np.savez(sys.argv[3], **results)
 """
+
+
+# Larger than the 16 x 16 training size, not square, not a whole multiple of it.
+LARGER = np.random.default_rng(1).integers(0, 256, (3, 40, 56, 3)).astype("uint8")
 
 
 def export(*argv):
@@ -72,8 +80,10 @@ def exported(tmp_path_factory):
         export(tmp / source, "--kind", kind, "--output", tmp / "serving" / name, *extra)
         paths[name] = str(tmp / "serving" / name / "1")
     np.save(tmp / "images.npy", images)
+    np.save(tmp / "larger.npy", LARGER)
     client_env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", CLIENT, tmp / "images.npy", json.dumps(paths), tmp / "out.npz"],
+    run = subprocess.run([sys.executable, "-c", CLIENT, tmp / "images.npy", json.dumps(paths), tmp / "out.npz",
+                          tmp / "larger.npy"],
                          env=client_env, capture_output=True, text=True, cwd="/")
     assert run.returncode == 0, run.stderr[-3000:]
     return mae, classifier, images, np.load(tmp / "out.npz"), paths
@@ -84,6 +94,13 @@ def test_encoder_serving_matches_keras(exported):
     tokens = ops.convert_to_numpy(mae.encoder(images.astype("float32") / 255.0))
     np.testing.assert_allclose(served["encoder/tokens"], tokens, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(served["encoder/features"], tokens[:, 1:].mean(axis=1), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_serving_resizes_larger_images_as_the_training_pipeline_does(exported):
+    mae, _, _, served, _ = exported
+    pixels = to_model_pixels(LARGER, (16, 16), 3).numpy()  # antialiased: a plain resize aliases
+    tokens = ops.convert_to_numpy(mae.encoder(pixels.astype("float32") / 255.0))
+    np.testing.assert_allclose(served["larger/tokens"], tokens, atol=1e-5, rtol=1e-5)
 
 
 def test_saved_models_store_each_weight_once(exported):
