@@ -208,8 +208,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def fail(message):
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
 
     if args.kind not in KINDS:
         fail(f"--kind must be one of {', '.join(KINDS)}, got {args.kind!r}.")

@@ -55,8 +55,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def fail(message):
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
 
     output = Path(args.output).expanduser()
     if output.suffix != ".npz":

@@ -24,6 +24,17 @@ def tiny_mae(**overrides):
     return keras_mae.MaskedAutoencoder(**{**TINY, **overrides})
 
 
+def run_main(main, capsys, *argv):
+    """A command's `main(argv)` in this process: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
 def random_images(batch=4, size=16, channels=3, seed=0):
     return np.random.default_rng(seed).random((batch, size, size, channels), dtype=np.float32)
 

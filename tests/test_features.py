@@ -9,7 +9,7 @@ import pytest
 from keras import ops
 from PIL import Image
 
-from conftest import tiny_mae
+from conftest import run_main, tiny_mae
 from keras_mae import features
 from keras_mae.data import to_model_images, to_model_pixels
 
@@ -36,14 +36,7 @@ def folder(tmp_path_factory):
 
 
 def run(capsys, *argv):
-    """features.main in this process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        features.main([str(a) for a in argv])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(features.main, capsys, *argv)
 
 
 def expected_rows(model_file, files, pooling):

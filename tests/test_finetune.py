@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_mae
+from conftest import run_main, tiny_mae
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,14 +35,7 @@ def encoder_file(tmp_path_factory):
 
 
 def run(capsys, *argv):
-    """finetune.main in this process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        finetune.main([str(a) for a in argv])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip()
+    return run_main(finetune.main, capsys, *argv)
 
 
 def losses(run_dir):
