@@ -102,16 +102,11 @@ def main(argv=None):
     if source.files is not None:
         arrays["files"] = np.array(source.files, dtype=str)
 
-    def write(temporary):
-        with open(temporary, "wb") as stream:  # a stream: np.savez would add a second .npz to a name
-            np.savez(stream, **arrays)
-
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(output, write)
+    write_atomically(output, lambda temporary: np.savez(temporary, **arrays))
     if verbose:
-        print(f"Wrote {output}: features {features.shape[0]} x {features.shape[1]}, "
-              f"labels ({len(source.class_names)} classes)" if source.class_names else
-              f"Wrote {output}: features {features.shape[0]} x {features.shape[1]} (no labels)")
+        labelled = f"labels of {len(source.class_names)} classes" if source.class_names else "no labels"
+        print(f"Wrote {output}: features {features.shape[0]} x {features.shape[1]}, {labelled}.")
 
 
 if __name__ == "__main__":
