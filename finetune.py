@@ -183,7 +183,7 @@ def main(argv=None):
     from keras_mae.models import MaskedAutoencoder
     from keras_mae.optimizers import AdamW, WarmupCosineDecay
     from keras_mae.runs import (RunFolderError, brief_warnings, counted, dataset_slug, export_saved_model,
-                                prepare_run_dir, trim_history)
+                                prepare_run_dir, trim_history, verbosity)
     from keras_mae.visualize import read_history, save_confusion_matrix, save_training_curves
 
     brief_warnings("finetune.py")
@@ -299,7 +299,7 @@ def main(argv=None):
         "keras_version": keras.__version__,
     }
     write_json(run_dir / "config.json", run_config)
-    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    verbose = verbosity(args.verbose)
     results = {}
     if args.knn or args.mode == "linear":
         # Frozen features of every image, once: the linear probe trains on them and k-NN

@@ -194,7 +194,7 @@ def main(argv=None):
     from keras_mae.optimizers import AdamW, WarmupCosineDecay
     from keras_mae.presets import check_preset
     from keras_mae.runs import (RunFolderError, brief_warnings, counted, dataset_slug, export_saved_model,
-                                prepare_run_dir, trim_history)
+                                prepare_run_dir, trim_history, verbosity)
     from keras_mae.visualize import read_history, save_loss_curve
 
     brief_warnings("train.py")
@@ -313,7 +313,7 @@ def main(argv=None):
                              log_dir=out_dir / "logs" / "images", seed=args.seed),
         RunCheckpoint(out_dir, {"epochs": args.epochs}),
     ]
-    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    verbose = verbosity(args.verbose)
     print(f"Pre-training {args.preset} ({mae.count_params():,} parameters) on {image_size}x{image_size}x"
           f"{channels} images: {counted(args.epochs, 'epoch')} of {counted(steps_per_epoch, 'step')}, "
           f"batch {args.batch_size}, lr {learning_rate:.3g}.")

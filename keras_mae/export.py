@@ -78,11 +78,11 @@ def _load(model_path, kind):
 
 
 def _image_geometry(model):
+    from keras_mae.layers import _pair
+
     shape = model.inputs[0].shape if getattr(model, "inputs", None) else None
     if shape is None:  # subclassed keras-mae models keep it in their config
-        size = model.image_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return height, width, model.num_channels
+        return (*_pair(model.image_size, "image_size"), model.num_channels)
     return tuple(shape[1:])
 
 

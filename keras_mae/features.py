@@ -18,7 +18,6 @@ interrupted run leaves no half-written file.
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from keras_mae.classifier import POOLINGS
@@ -74,7 +73,8 @@ def main(argv=None):
     from keras_mae.classifier import load_encoder
     from keras_mae.data import DataError, load_source, make_pipeline
     from keras_mae.evaluation import extract_features
-    from keras_mae.runs import brief_warnings
+    from keras_mae.layers import _pair
+    from keras_mae.runs import brief_warnings, verbosity
 
     brief_warnings(parser.prog)
     try:
@@ -87,12 +87,11 @@ def main(argv=None):
         fail(str(error))
     if args.limit:
         source = source.take(args.limit)
-    size = encoder.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = _pair(encoder.image_size, "image_size")
     # One pass: no in-memory cache (TensorFlow would also warn that predict left it unfinished).
     data = make_pipeline(source, size, encoder.num_channels, args.batch_size, training=False, with_labels=True,
                          cache_limit_bytes=0)
-    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    verbose = verbosity(args.verbose)
     if verbose:
         print(f"Features ({args.pooling} pooling, width {encoder.width}) of {source.description}, "
               f"at {size[0]}x{size[1]}x{encoder.num_channels}:")

@@ -27,6 +27,12 @@ def brief_warnings(prog):
     warnings.formatwarning = format_warning
 
 
+def verbosity(choice):
+    """A `--verbose` value for Keras: the user's, else a progress bar on a terminal and
+    one line per epoch elsewhere (a redirected bar is a wall of carriage returns)."""
+    return choice if choice is not None else (1 if sys.stdout.isatty() else 2)
+
+
 def counted(number, noun):
     """'1 epoch', '4 epochs': a count with its noun in the right number."""
     return f"{number} {noun}{'s' * (number != 1)}"
