@@ -51,7 +51,8 @@ def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
     import torch
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
-    torch.set_num_threads(threads)
+    if threads:  # only when asked (see --threads): setting it slows torch's CPU flash attention
+        torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast_dtype = {"mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}.get(dtype_policy)
     precision = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -104,7 +105,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="Timed steps per run (default: %(default)s).")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per run (default: %(default)s).")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating rounds (default: %(default)s).")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads for HuggingFace (default: all cores).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="PyTorch threads for HuggingFace (default: torch's own choice, as keras-mae's torch backend "
+                             "runs. Setting it at all, even to the number torch picks itself, made torch 2.13's CPU flash attention "
+                             "2x slower at these sizes, and HuggingFace's steps at K 1.2x slower, on a 2-core Zen 3).")
     parser.add_argument("--dtype-policy", default="float32",
                         help="keras-mae's dtype policy; mixed_* runs HuggingFace under torch.autocast (default: %(default)s).")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -123,6 +127,8 @@ def main(argv=None):
     unknown = set(backends) - {"tensorflow", "jax", "torch"}
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.hf_only:
         print(json.dumps(huggingface_rate(CONFIGS[args.config], args.batch_size, args.steps, args.warmup, args.threads,
                                           args.dtype_policy)))
@@ -148,7 +154,8 @@ def main(argv=None):
                 if name in references:
                     # Keras is imported only after the timing, for the malloc report; with torch
                     # it brings no other framework into the process.
-                    out = child([sys.executable, __file__, "--hf-only", "--config", args.config, "--threads", str(args.threads),
+                    threads = ["--threads", str(args.threads)] if args.threads else []
+                    out = child([sys.executable, __file__, "--hf-only", "--config", args.config, *threads,
                                  "--dtype-policy", args.dtype_policy, *common], {"KERAS_BACKEND": "torch", **references[name]})
                     figures = json.loads(out.strip().splitlines()[-1])
                 else:
