@@ -16,10 +16,17 @@ Extra install (a benchmark extra, not a runtime dependency):
 
     python benchmarks/compare.py --config T --backends tensorflow,jax,torch --batch-size 256
 
+`--same-process` instead times keras-mae's torch backend and HuggingFace in one process,
+blocks of steps in turn, on the allocator keras-mae picks: the same threads, allocator
+and moment for both, so the per-round ratios scatter least; they compare the code alone.
+
+    python benchmarks/compare.py --config T --backends torch --same-process --repeats 6
+
 Before them, each backend's per-round ratios (each keras-mae run against the HuggingFace
 run of the same round) and their median. Last lines: `<backend>_img_per_s=`,
 `hf_img_per_s=`, `<backend>_vs_hf=` (bests) for each backend; with `--hf-jemalloc` also
-`hf_jemalloc_img_per_s=` and `<backend>_vs_hf_jemalloc=`.
+`hf_jemalloc_img_per_s=` and `<backend>_vs_hf_jemalloc=`; with `--same-process`
+`torch_img_per_s=`, `hf_same_process_img_per_s=` and `torch_vs_hf_same_process=`.
 """
 
 import argparse
@@ -38,10 +45,10 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from throughput import CONFIGS, training_flops  # noqa: E402
 
 
-def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
-    """Images/second of ViTMAEForPreTraining training steps, and their CPU seconds and page
-    faults per step (`img_per_s`, `user_s_per_step`, `kernel_s_per_step`,
-    `page_faults_per_step`; run in a child process).
+def huggingface_training(config, batch_size, threads, dtype_policy):
+    """HuggingFace's ViTMAEForPreTraining built to `config`'s sizes with PyTorch's AdamW:
+    returns `step()`, one training step (forward, backward, update) on a fixed random
+    batch, and `synchronize()`, which waits for the device.
 
     On a CUDA device when there is one; `mixed_bfloat16` / `mixed_float16` map to
     torch.autocast, the mixed precision HuggingFace's Trainer uses.
@@ -68,19 +75,29 @@ def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     size = config["image_size"]
     images = torch.rand(batch_size, config["num_channels"], size, size, device=device)
-    start = usage = None
-    for step in range(warmup + steps):
-        if step == warmup:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+
+    def step():
         with precision:
             loss = model(pixel_values=images).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
+
+    return step, (torch.cuda.synchronize if device == "cuda" else lambda: None)
+
+
+def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
+    """Images/second of ViTMAEForPreTraining training steps, and their CPU seconds and page
+    faults per step (`img_per_s`, `user_s_per_step`, `kernel_s_per_step`,
+    `page_faults_per_step`; run in a child process)."""
+    step, synchronize = huggingface_training(config, batch_size, threads, dtype_policy)
+    for _ in range(warmup):
+        step()
+    synchronize()
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(steps):
+        step()
+    synchronize()
     seconds, end = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
     from keras_mae.memory import malloc_in_use  # after the timing: it imports Keras
 
@@ -90,11 +107,89 @@ def huggingface_rate(config, batch_size, steps, warmup, threads, dtype_policy):
             "malloc": malloc_in_use()}
 
 
+def same_process_rates(config, batch_size, steps, warmup, repeats, threads, dtype_policy, jit_compile):
+    """keras-mae's torch backend and HuggingFace in this one process, `steps` training
+    steps of each in turn (which goes first alternates) for `repeats` rounds: each round's
+    `(name, images/second)` pairs in the order they ran (`torch`, `hf_same_process`) and
+    the malloc both ran on.
+
+    Sharing a process, the two share its allocator, its threads, and whatever else the
+    machine is doing in that minute, so their per-round ratios scatter far less than
+    those of separate processes. keras-mae's steps are the ones `fit` runs
+    (`train_function`, torch.compile'd with `jit_compile` true), on the same batch.
+    """
+    import keras
+    import numpy as np
+
+    import keras_mae
+    from keras_mae.memory import malloc_in_use
+
+    hf_step, synchronize = huggingface_training(config, batch_size, threads, dtype_policy)
+    keras.config.set_dtype_policy(dtype_policy)
+    mae = keras_mae.MaskedAutoencoder(**config)
+    mae.compile(optimizer=keras_mae.AdamW(1e-4, beta_2=0.95, weight_decay=0.05),
+                jit_compile={"auto": "auto", "true": True, "false": False}[jit_compile])
+    size = config["image_size"]
+    batch = np.random.default_rng(0).random((batch_size, size, size, config["num_channels"]), dtype=np.float32)
+    mae.fit(batch, batch_size=batch_size, epochs=1, verbose=0)  # builds the model, optimizer and train_function
+    images = keras.ops.convert_to_tensor(batch)
+
+    def mae_step():
+        mae.train_function([(images,)])
+
+    steps_of = {"torch": mae_step, "hf_same_process": hf_step}
+    for step in steps_of.values():
+        for _ in range(warmup):
+            step()
+    rounds = []
+    for round_index in range(repeats):
+        # Each goes first in every other round, so that neither always runs in the other's
+        # wake and a machine slowing down or speeding up during the run favours neither
+        # (with torch always first, its lead looked 3-4 % larger on a Zen 3).
+        rounds.append([])
+        for name, step in list(steps_of.items())[::-1 if round_index % 2 else 1]:
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize()
+            rounds[-1].append((name, batch_size * steps / (time.perf_counter() - start)))
+    return {"rounds": rounds, "malloc": malloc_in_use()}
+
+
 def child(command, env=None):
     run = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"error: {' '.join(command)} failed:\n{run.stderr[-3000:]}")
     return run.stdout
+
+
+def separate_process_rates(args, backends, references, threads, common):
+    """Images/second of each keras-mae backend and HuggingFace reference (`references`:
+    name to environment), a fresh child process each, alternating, `args.repeats` rounds."""
+    rates = {name: [] for name in [*backends, *references]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.repeats):
+            for name in rates:
+                if name in references:
+                    # Keras is imported only after the timing, for the malloc report; with torch
+                    # it brings no other framework into the process.
+                    out = child([sys.executable, __file__, "--hf-only", *threads, *common],
+                                {"KERAS_BACKEND": "torch", **references[name]})
+                    figures = json.loads(out.strip().splitlines()[-1])
+                else:
+                    figures_file = Path(tmp) / f"{name}.json"
+                    child([sys.executable, str(HERE / "throughput.py"), "--backend", name, "--json", str(figures_file),
+                           "--steps-per-execution", str(1 if name == "torch" else args.steps_per_execution), *common])
+                    figures = json.loads(figures_file.read_text())
+                rate = figures["img_per_s"]
+                rates[name].append(rate)
+                # CPU time tells a disturbed round (kernel time, or user time up) from a slow one.
+                malloc = f", {figures['malloc']}" if "malloc" in figures else ""
+                print(f"round {round_index + 1}: {name:<10} {rate:8.2f} img/s  (CPU per step: user "
+                      f"{figures['user_s_per_step']:.3f} s, kernel {figures['kernel_s_per_step']:.3f} s, "
+                      f"{figures['page_faults_per_step']:.0f} page faults{malloc})", flush=True)
+    return rates
 
 
 def main(argv=None):
@@ -108,7 +203,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch threads for HuggingFace (default: torch's own choice, as keras-mae's torch backend "
                              "runs. Setting it at all, even to the number torch picks itself, made torch 2.13's CPU flash attention "
-                             "2x slower at these sizes, and HuggingFace's steps at K 1.2x slower, on a 2-core Zen 3).")
+                             "2x slower at these sizes, and HuggingFace's steps at K 1.2x slower, on a 2-core Zen 3). With --same-process "
+                             "it sets them for both.")
     parser.add_argument("--dtype-policy", default="float32",
                         help="keras-mae's dtype policy; mixed_* runs HuggingFace under torch.autocast (default: %(default)s).")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -121,17 +217,38 @@ def main(argv=None):
     parser.add_argument("--hf-jemalloc", action="store_true",
                         help="Also time HuggingFace on jemalloc with keras-mae's settings, every round (hf_jemalloc): "
                              "the lead that is not the allocator's.")
+    parser.add_argument("--same-process", action="store_true",
+                        help="Time keras-mae's torch backend and HuggingFace in one process instead, --steps of each in "
+                             "turn, --repeats rounds, both on the allocator keras-mae picks (jemalloc where the system has "
+                             "it): the steadiest ratio on a busy machine, with nothing between the two but the code "
+                             "(hf_same_process). Needs --backends torch.")
     parser.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--same-process-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     unknown = set(backends) - {"tensorflow", "jax", "torch"}
     if unknown:
         parser.error(f"unknown backends {sorted(unknown)}")
+    for flag in ("batch_size", "steps", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.same_process and (backends != ["torch"] or args.hf_jemalloc):
+        parser.error("--same-process times the torch backend only, on keras-mae's allocator: give it --backends torch "
+                     "and no --hf-jemalloc")
     if args.hf_only:
         print(json.dumps(huggingface_rate(CONFIGS[args.config], args.batch_size, args.steps, args.warmup, args.threads,
                                           args.dtype_policy)))
+        return
+    if args.same_process_child:
+        from keras_mae.memory import tune_allocator
+
+        tune_allocator()  # restarts this child as train.py restarts: both models then run on that allocator
+        print(json.dumps(same_process_rates(CONFIGS[args.config], args.batch_size, args.steps, args.warmup, args.repeats,
+                                            args.threads, args.dtype_policy, args.jit_compile)))
         return
     references = {"hf": {}}
     if args.hf_jemalloc:
@@ -146,32 +263,21 @@ def main(argv=None):
         if not references["hf_jemalloc"]:
             parser.error("--hf-jemalloc needs jemalloc on Linux (Debian / Ubuntu: apt-get install libjemalloc2)")
 
-    common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    rates = {name: [] for name in [*backends, *references]}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.repeats):
-            for name in rates:
-                if name in references:
-                    # Keras is imported only after the timing, for the malloc report; with torch
-                    # it brings no other framework into the process.
-                    threads = ["--threads", str(args.threads)] if args.threads else []
-                    out = child([sys.executable, __file__, "--hf-only", "--config", args.config, *threads,
-                                 "--dtype-policy", args.dtype_policy, *common], {"KERAS_BACKEND": "torch", **references[name]})
-                    figures = json.loads(out.strip().splitlines()[-1])
-                else:
-                    figures_file = Path(tmp) / f"{name}.json"
-                    child([sys.executable, str(HERE / "throughput.py"), "--backend", name, "--config", args.config,
-                           "--dtype-policy", args.dtype_policy, "--jit-compile", args.jit_compile,
-                           "--steps-per-execution", str(1 if name == "torch" else args.steps_per_execution),
-                           "--json", str(figures_file), *common])
-                    figures = json.loads(figures_file.read_text())
-                rate = figures["img_per_s"]
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    common = ["--config", args.config, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+              "--warmup", str(args.warmup), "--dtype-policy", args.dtype_policy, "--jit-compile", args.jit_compile]
+    if args.same_process:
+        references = {"hf_same_process": {}}
+        out = child([sys.executable, __file__, "--same-process-child", "--repeats", str(args.repeats), *threads, *common],
+                    {"KERAS_BACKEND": "torch"})
+        figures = json.loads(out.strip().splitlines()[-1])
+        rates = {"torch": [], "hf_same_process": []}
+        for round_index, runs in enumerate(figures["rounds"]):
+            for name, rate in runs:
                 rates[name].append(rate)
-                # CPU time tells a disturbed round (kernel time, or user time up) from a slow one.
-                malloc = f", {figures['malloc']}" if "malloc" in figures else ""
-                print(f"round {round_index + 1}: {name:<10} {rate:8.2f} img/s  (CPU per step: user "
-                      f"{figures['user_s_per_step']:.3f} s, kernel {figures['kernel_s_per_step']:.3f} s, "
-                      f"{figures['page_faults_per_step']:.0f} page faults{malloc})", flush=True)
+                print(f"round {round_index + 1}: {name:<15} {rate:8.2f} img/s  (one process, {figures['malloc']})")
+    else:
+        rates = separate_process_rates(args, backends, references, threads, common)
     best = {name: max(values) for name, values in rates.items()}
     print(f"config {args.config}, batch {args.batch_size}, {args.dtype_policy}, {os.cpu_count()} CPU cores")
     if args.peak_tflops:
