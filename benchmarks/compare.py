@@ -114,7 +114,7 @@ def same_process_rates(config, batch_size, steps, warmup, repeats, threads, dtyp
     the malloc both ran on.
 
     Sharing a process, the two share its allocator, its threads, and whatever else the
-    machine is doing in that minute, so their per-round ratios scatter far less than
+    machine is doing in that minute, so their per-round ratios scatter less than
     those of separate processes. keras-mae's steps are the ones `fit` runs
     (`train_function`, torch.compile'd with `jit_compile` true), on the same batch.
     """
@@ -145,7 +145,7 @@ def same_process_rates(config, batch_size, steps, warmup, repeats, threads, dtyp
     for round_index in range(repeats):
         # Each goes first in every other round, so that neither always runs in the other's
         # wake and a machine slowing down or speeding up during the run favours neither
-        # (with torch always first, its lead looked 3-4 % larger on a Zen 3).
+        # (with torch always first, its lead looked a few per cent larger on a Zen 3).
         rounds.append([])
         for name, step in list(steps_of.items())[::-1 if round_index % 2 else 1]:
             synchronize()
