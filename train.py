@@ -194,7 +194,7 @@ def main(argv=None):
     from keras_mae.optimizers import AdamW, WarmupCosineDecay
     from keras_mae.presets import check_preset
     from keras_mae.runs import (RunFolderError, brief_warnings, counted, dataset_slug, export_saved_model,
-                                prepare_run_dir, trim_history, verbosity)
+                                jit_compile_setting, prepare_run_dir, trim_history, verbosity)
     from keras_mae.visualize import read_history, save_loss_curve
 
     brief_warnings("train.py")
@@ -293,8 +293,8 @@ def main(argv=None):
         mae = MaskedAutoencoder(**model_config)
         schedule = WarmupCosineDecay.for_run(learning_rate, args.epochs, steps_per_epoch, args.warmup_epochs)
         optimizer = AdamW(schedule, beta_1=0.9, beta_2=0.95, weight_decay=args.weight_decay)
-        jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
-        mae.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution, jit_compile=jit_compile)
+        mae.compile(optimizer=optimizer, steps_per_execution=args.steps_per_execution,
+                    jit_compile=jit_compile_setting(args.jit_compile))
         initial_epoch = 0
         if state is not None:
             mae.optimizer.build(mae.trainable_variables)

@@ -123,12 +123,13 @@ def same_process_rates(config, batch_size, steps, warmup, repeats, threads, dtyp
 
     import keras_mae
     from keras_mae.memory import malloc_in_use
+    from keras_mae.runs import jit_compile_setting
 
     hf_step, synchronize = huggingface_training(config, batch_size, threads, dtype_policy)
     keras.config.set_dtype_policy(dtype_policy)
     mae = keras_mae.MaskedAutoencoder(**config)
     mae.compile(optimizer=keras_mae.AdamW(1e-4, beta_2=0.95, weight_decay=0.05),
-                jit_compile={"auto": "auto", "true": True, "false": False}[jit_compile])
+                jit_compile=jit_compile_setting(jit_compile))
     size = config["image_size"]
     batch = np.random.default_rng(0).random((batch_size, size, size, config["num_channels"]), dtype=np.float32)
     mae.fit(batch, batch_size=batch_size, epochs=1, verbose=0)  # builds the model, optimizer and train_function

@@ -175,6 +175,7 @@ def main(argv=None):
 
     import keras_mae
     from keras_mae.memory import malloc_in_use
+    from keras_mae.runs import jit_compile_setting
 
     if args.steps_per_execution > 1 and keras.backend.backend() == "torch":
         sys.exit("error: --steps-per-execution must be 1 with the torch backend (Keras' torch trainer runs one step per call).")
@@ -218,9 +219,8 @@ def main(argv=None):
 
     def images_per_second(mask_tokens_in_encoder):
         mae = keras_mae.MaskedAutoencoder(**{**config, "mask_tokens_in_encoder": mask_tokens_in_encoder})
-        jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
         mae.compile(optimizer=keras_mae.AdamW(1e-4, beta_2=0.95, weight_decay=0.05),
-                    steps_per_execution=args.steps_per_execution, jit_compile=jit_compile)
+                    steps_per_execution=args.steps_per_execution, jit_compile=jit_compile_setting(args.jit_compile))
         timer = StepTimer()
         mae.fit(SameBatch(), epochs=1, verbose=0, callbacks=[timer])
         steps = args.steps * args.steps_per_execution

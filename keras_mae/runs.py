@@ -33,6 +33,11 @@ def verbosity(choice):
     return choice if choice is not None else (1 if sys.stdout.isatty() else 2)
 
 
+def jit_compile_setting(choice):
+    """A `--jit-compile` choice ('auto', 'true', 'false') as `Model.compile(jit_compile=)` takes it."""
+    return {"auto": "auto", "true": True, "false": False}[choice]
+
+
 def counted(number, noun):
     """'1 epoch', '4 epochs': a count with its noun in the right number."""
     return f"{number} {noun}{'s' * (number != 1)}"
