@@ -120,6 +120,22 @@ def test_fused_and_plain_attention_agree(tokens, heads, head_dim):
     np.testing.assert_allclose(half, fused, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_fused_attention_keeps_its_dtype(dtype):
+    # Mixed precision hands attention 16-bit q, k, v. On torch's CPU they are attended in
+    # float32 (its 16-bit flash kernel trains several times slower): float32 attention
+    # of the same rounded inputs, rounded once. Elsewhere it is computed in 16 bits,
+    # within the loose bound of the plain path above.
+    qkv = ops.cast(np.random.default_rng(9).normal(size=(3, 17, 3, 4, 32)).astype("float32"), dtype)
+    out = attention(qkv, fused=True)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    exact = to_numpy(attention(ops.cast(qkv, "float32"), fused=True))
+    float32_inside = keras.backend.backend() == "torch" and qkv.device.type == "cpu"
+    rounding = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
+    bound = 2 * rounding if float32_inside else 0.05
+    np.testing.assert_allclose(to_numpy(ops.cast(out, "float32")), exact, rtol=bound, atol=bound)
+
+
 def gradient(function, x):
     """d function(x) / dx with the running backend's own autodiff."""
     backend = keras.backend.backend()
