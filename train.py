@@ -72,9 +72,11 @@ def build_parser():
     train.add_argument("--dtype-policy", choices=["float32", "mixed_bfloat16", "mixed_float16"], default="float32",
                        help="Keras dtype policy: mixed_bfloat16 (GPUs/TPUs since Ampere) or mixed_float16 "
                             "(older GPUs, with loss scaling) halve activation memory. On a CPU it depends on the CPU: "
-                            "torch at ViT-Tiny size trained 1.24x faster in bf16 on an AMD EPYC Zen 4 but 0.86x on a "
-                            "Zen 5, and XLA (TensorFlow, JAX) was slower in bf16 on Zen 4; time yours with "
-                            "benchmarks/throughput.py --dtype-policy (default: %(default)s).")
+                            "on an Intel Xeon with AMX, torch trained 1.6-1.95x faster in bf16 (batch 256, "
+                            "keras.io and ViT-Tiny sizes), TensorFlow and JAX slower (XLA's CPU matmuls skip AMX); "
+                            "on AMD EPYCs torch was 1.24x faster in bf16 on a Zen 4 and 0.86x on a Zen 5 (measured "
+                            "before 2026-12-06, when its 16-bit attention began to run in float32 on a CPU). Time "
+                            "yours with benchmarks/throughput.py --dtype-policy (default: %(default)s).")
     train.add_argument("--steps-per-execution", type=int, default=1,
                        help="Training steps run per compiled call: fewer Python round trips for small "
                             "models on fast devices (default: %(default)s).")

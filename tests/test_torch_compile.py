@@ -57,6 +57,17 @@ def test_the_training_forward_pass_is_one_graph(mask_sampling, mask_tokens_in_en
 
 
 @torch_only
+def test_the_mixed_precision_training_forward_pass_is_one_graph():
+    # 16-bit attention takes its own branch on a CPU (attended in float32).
+    import torch
+
+    mae = tiny_mae(dtype="mixed_bfloat16")
+    images = torch.as_tensor(random_images())
+    assert mae(images, training=True)["pred"].dtype == torch.bfloat16
+    assert graphs_and_breaks(lambda x: mae(x, training=True), images) == (1, 0)
+
+
+@torch_only
 def test_the_fine_tuning_forward_pass_is_one_graph():
     import torch
 
