@@ -482,7 +482,7 @@ def _fused_attention(query, key, value, mask=None):
 def _float32_on_torch_cpu(tensor):
     """Whether SDPA should see a 16-bit `tensor` in float32: torch 2.13's CPU flash
     attention trains 3-11x slower in bfloat16 than in float32 at ViT sequence lengths
-    (17 tokens: 36 against 4 ms, forward and backward, at the keras.io sizes, batch 256;
+    (17 tokens: 36 against 4-5 ms, forward and backward, at the keras.io sizes, batch 256;
     its backward pass dominates), so casting up and back costs far less than it saves
     (Intel Xeon with AMX, benchmarks/README.md). Also more accurate."""
     return (
