@@ -279,7 +279,8 @@ def test_transformer_block_drops_its_branches_only_at_a_nonzero_rate_while_train
 def test_block_gives_the_same_results_whether_its_sublayers_are_called_directly_or_not(monkeypatch, policy):
     # On torch a block calls its sublayers' `call` without Keras' `Layer.__call__`
     # (`call_sublayer`); forcing the full call must not change a bit, in float32 or
-    # under mixed precision, where the layer norms keep float32 parameters.
+    # under mixed precision, where the layer norms keep float32 parameters (and on
+    # torch's CPU take the 16-bit tokens straight into torch's `layer_norm`).
     block = TransformerBlock(2, drop_path_rate=0.5, seed=3, dtype=policy)
     x = np.random.default_rng(7).random((8, 5, 8), dtype=np.float32)
     block.build(x.shape)

@@ -270,8 +270,13 @@ def test_a_training_step_is_the_same_whether_sublayers_are_called_directly_or_no
     monkeypatch.setattr(keras_mae.layers, "_direct_call_applies", lambda layer, inputs: False)
     losses.append(full.train_on_batch(images))
     assert losses[0] == losses[1]
+    # Under mixed precision on torch's CPU the layer norms take the 16-bit tokens into
+    # torch's own `layer_norm`, whose float32 gradients are summed in another order than
+    # those of Keras' float32 copy: after rounding to bf16 a value can land one step
+    # (2^-8 of it) apart, so the update is the same to bf16 rounding, not to the bit.
+    rtol, atol = (0, 0) if policy == "float32" else (2.0**-7, 1e-6)
     for mine, theirs in zip(direct.get_weights(), full.get_weights()):
-        np.testing.assert_array_equal(mine, theirs)
+        np.testing.assert_allclose(mine, theirs, rtol=rtol, atol=atol)
 
 
 def test_compiled_and_eager_forward_passes_agree():
