@@ -384,8 +384,7 @@ def _layer_norm_in_16_bits_on_cpu(layer, inputs):
     same to bf16 rounding."""
     return (
         type(layer) is keras.layers.LayerNormalization
-        and inputs.device.type == "cpu"
-        and keras.backend.standardize_dtype(inputs.dtype) in ("bfloat16", "float16")
+        and _half_precision_on_torch_cpu(inputs)
         and list(layer.axis) in ([-1], [len(inputs.shape) - 1])
         and not layer.rms_scaling and layer.center and layer.scale
         and layer.gamma.dtype == layer.beta.dtype == "float32"
@@ -489,24 +488,26 @@ def _take_tokens(heads, ids):
 def _fused_attention(query, key, value, mask=None):
     """`keras.ops.dot_product_attention` on token-major `(B, T, H, Dh)` inputs.
 
-    On torch's CPU, 16-bit inputs are attended in float32 (`_float32_on_torch_cpu`).
+    On torch's CPU, 16-bit inputs are attended in float32: torch 2.13's CPU flash
+    attention trains 3-11x slower in bfloat16 than in float32 at ViT sequence lengths
+    (17 tokens: 36 against 4-5 ms, forward and backward, at the keras.io sizes, batch 256;
+    its backward pass dominates), so casting up and back costs far less than it saves
+    (Intel Xeon with AMX, benchmarks/README.md). Also more accurate.
     """
     # Keras' torch check for flash attention builds an object torch.compile cannot
     # trace; when compiling, torch's own kernel choice inside SDPA decides instead.
     flash = False if compiling() else None
-    if _float32_on_torch_cpu(query):
+    if _half_precision_on_torch_cpu(query):
         dtype = query.dtype
         query, key, value = (ops.cast(t, "float32") for t in (query, key, value))
         return ops.cast(ops.dot_product_attention(query, key, value, mask=mask, flash_attention=flash), dtype)
     return ops.dot_product_attention(query, key, value, mask=mask, flash_attention=flash)
 
 
-def _float32_on_torch_cpu(tensor):
-    """Whether SDPA should see a 16-bit `tensor` in float32: torch 2.13's CPU flash
-    attention trains 3-11x slower in bfloat16 than in float32 at ViT sequence lengths
-    (17 tokens: 36 against 4-5 ms, forward and backward, at the keras.io sizes, batch 256;
-    its backward pass dominates), so casting up and back costs far less than it saves
-    (Intel Xeon with AMX, benchmarks/README.md). Also more accurate."""
+def _half_precision_on_torch_cpu(tensor):
+    """Whether `tensor` is a 16-bit (bfloat16, float16) torch tensor on a CPU, where the
+    attention (`_fused_attention`) and the layer norms (`call_sublayer`) take their own
+    way."""
     return (
         keras.backend.backend() == "torch"
         and tensor.device.type == "cpu"
