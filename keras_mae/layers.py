@@ -486,33 +486,46 @@ def _take_tokens(heads, ids):
 
 
 def _fused_attention(query, key, value, mask=None):
-    """`keras.ops.dot_product_attention` on token-major `(B, T, H, Dh)` inputs.
-
-    On torch's CPU, 16-bit inputs are attended in float32: torch 2.13's CPU flash
-    attention trains 3-11x slower in bfloat16 than in float32 at ViT sequence lengths
-    (17 tokens: 36 against 4-5 ms, forward and backward, at the keras.io sizes, batch 256;
-    its backward pass dominates), so casting up and back costs far less than it saves
-    (Intel Xeon with AMX, benchmarks/README.md). Also more accurate.
-    """
+    """`keras.ops.dot_product_attention` on token-major `(B, T, H, Dh)` inputs; on torch's
+    CPU, torch's SDPA called directly (`_torch_cpu_attention`)."""
+    if mask is None and _on_torch_cpu(query):
+        return _torch_cpu_attention(query, key, value)
     # Keras' torch check for flash attention builds an object torch.compile cannot
     # trace; when compiling, torch's own kernel choice inside SDPA decides instead.
     flash = False if compiling() else None
-    if _half_precision_on_torch_cpu(query):
-        dtype = query.dtype
-        query, key, value = (ops.cast(t, "float32") for t in (query, key, value))
-        return ops.cast(ops.dot_product_attention(query, key, value, mask=mask, flash_attention=flash), dtype)
     return ops.dot_product_attention(query, key, value, mask=mask, flash_attention=flash)
+
+
+def _torch_cpu_attention(query, key, value):
+    """torch's SDPA on heads-major views of token-major torch tensors on a CPU.
+
+    Keras' torch attention copies q, k and v into contiguous heads-major tensors before
+    SDPA, which torch's CPU kernel does not need: without the copies float32 training
+    steps ran 3-4 % faster at configurations K and T. 16-bit inputs are attended in
+    float32: torch 2.13's CPU flash attention trains 3-11x slower in bfloat16 than in
+    float32 at ViT sequence lengths (17 tokens: 36 against 4-5 ms, forward and backward,
+    at the keras.io sizes, batch 256; its backward pass dominates), so casting up and
+    back costs far less than it saves. Also more accurate (Intel Xeon with AMX,
+    benchmarks/README.md).
+    """
+    import torch
+
+    dtype = query.dtype
+    if _half_precision_on_torch_cpu(query):
+        query, key, value = (t.to(torch.float32) for t in (query, key, value))
+    heads_major = (t.transpose(1, 2) for t in (query, key, value))
+    return torch.nn.functional.scaled_dot_product_attention(*heads_major).transpose(1, 2).to(dtype)
+
+
+def _on_torch_cpu(tensor):
+    return keras.backend.backend() == "torch" and tensor.device.type == "cpu"
 
 
 def _half_precision_on_torch_cpu(tensor):
     """Whether `tensor` is a 16-bit (bfloat16, float16) torch tensor on a CPU, where the
-    attention (`_fused_attention`) and the layer norms (`call_sublayer`) take their own
-    way."""
-    return (
-        keras.backend.backend() == "torch"
-        and tensor.device.type == "cpu"
-        and keras.backend.standardize_dtype(tensor.dtype) in ("bfloat16", "float16")
-    )
+    attention (`_torch_cpu_attention`) and the layer norms (`call_sublayer`) take their
+    own way."""
+    return _on_torch_cpu(tensor) and keras.backend.standardize_dtype(tensor.dtype) in ("bfloat16", "float16")
 
 
 def _plain_attention(query, key, value):

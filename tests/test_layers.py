@@ -136,6 +136,34 @@ def test_half_precision_fused_attention_keeps_its_dtype(dtype):
     np.testing.assert_allclose(to_numpy(ops.cast(out, "float32")), exact, rtol=bound, atol=bound)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch's own CPU path")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("queries", [17, 9])
+def test_torch_cpu_attention_matches_keras_attention(dtype, queries):
+    # On torch's CPU, fused attention hands SDPA heads-major views of q, k and v where
+    # Keras copies them; values and gradients must not change (in bfloat16 Keras attends
+    # in 16 bits, this path in float32: within 16-bit rounding).
+    import torch
+
+    from keras_mae.layers import _fused_attention
+
+    rng = np.random.default_rng(5)
+    packed = rng.normal(size=(2, 17, 3, 4, 8)).astype("float32")
+
+    def outputs_and_gradient(function):
+        qkv = torch.tensor(packed).to(getattr(torch, dtype)).requires_grad_()
+        query, key, value = qkv.unbind(2)  # strided views, as `attention` hands them over
+        out = function(query[:, :queries], key, value)
+        (out.float() * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out.detach().float().numpy(), qkv.grad.float().numpy()
+
+    ours, keras_own = outputs_and_gradient(_fused_attention), outputs_and_gradient(ops.dot_product_attention)
+    assert ours[0].shape == (2, queries, 4, 8)
+    bound = 1e-6 if dtype == "float32" else 2.0**-6
+    for mine, theirs in zip(ours, keras_own):
+        np.testing.assert_allclose(mine, theirs, rtol=bound, atol=bound)
+
+
 def gradient(function, x):
     """d function(x) / dx with the running backend's own autodiff."""
     backend = keras.backend.backend()
