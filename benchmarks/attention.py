@@ -3,10 +3,14 @@ the torch backend: which way of computing it is fastest on this CPU or GPU.
 
 For the encoder (class token + kept patches) and the decoder (class token + every patch)
 of each `--config`, times `keras_mae.layers.attention` on random packed q, k, v
-`(batch, tokens, 3, heads, head_dim)`, each `--dtype`, three ways:
+`(batch, tokens, 3, heads, head_dim)`, each `--dtype`, three or four ways:
 
-- `fused`: as keras-mae runs it, `keras.ops.dot_product_attention` (torch's SDPA); on a
-  CPU, 16-bit inputs are attended in float32 and cast back;
+- `fused`: as keras-mae runs it: on a GPU `keras.ops.dot_product_attention`; on a CPU
+  torch's SDPA on heads-major views of q, k and v, 16-bit inputs attended in float32
+  and cast back;
+- `keras_float32`: `keras.ops.dot_product_attention` in float32 (16-bit inputs cast up,
+  the result back), which on torch copies q, k and v into contiguous heads-major
+  tensors first: what the fused path did on a CPU until commit ff60f4d (2026-12-06);
 - `fused_16bit` (16-bit dtypes only): SDPA on the 16-bit inputs themselves, what the
   fused path did before 2026-12-06 and what HuggingFace does under `torch.autocast`;
 - `plain`: two batched matmuls around a float32 softmax.
@@ -14,8 +18,9 @@ of each `--config`, times `keras_mae.layers.attention` on random packed q, k, v
 Each figure is the best of `--repeats` blocks of `--steps` calls, in milliseconds; the
 ways alternate from block to block. Last lines: with a 16-bit dtype,
 `least_gain_over_fused_16bit=<float>`, the smallest `fused_16bit / fused` time ratio (what
-attending in float32 gains at worst); then `slowest_fused_vs_plain=<float>`, the largest
-`fused / plain` time ratio over the shapes and dtypes timed.
+attending in float32 gains at worst); `least_gain_over_keras_float32=<float>`, the
+smallest `keras_float32 / fused` ratio; then `slowest_fused_vs_plain=<float>`, the
+largest `fused / plain` time ratio over the shapes and dtypes timed.
 
     python benchmarks/attention.py --config K,T --dtype bfloat16,float32
     python benchmarks/attention.py --config B --batch-size 16
@@ -60,6 +65,9 @@ def attention_timer(shape, dtype, way, device):
     def forward():
         if way == "fused_16bit":
             return ops.dot_product_attention(*ops.unstack(qkv, 3, axis=2))
+        if way == "keras_float32":
+            query, key, value = (ops.cast(t, "float32") for t in ops.unstack(qkv, 3, axis=2))
+            return ops.cast(ops.dot_product_attention(query, key, value), qkv.dtype)
         return attention(qkv, fused=way == "fused")
 
     def run():
@@ -118,20 +126,22 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(f"torch {torch.__version__} on {device}, forward + backward, ms per call (best of {args.repeats})")
-    ratios, gains = [], []
+    ratios, gains, copy_gains = [], [], []
     for name in configs:
         for part, shape in attention_shapes(CONFIGS[name], args.batch_size).items():
             for dtype in dtypes:
-                ways = ["fused", *(["fused_16bit"] if dtype != "float32" else []), "plain"]
+                ways = ["fused", "keras_float32", *(["fused_16bit"] if dtype != "float32" else []), "plain"]
                 timers = {way: attention_timer(shape, dtype, way, device) for way in ways}
                 best = best_milliseconds(timers, args.steps, args.warmup, args.repeats, synchronize)
                 ratios.append(best["fused"] / best["plain"])
+                copy_gains.append(best["keras_float32"] / best["fused"])
                 if "fused_16bit" in best:
                     gains.append(best["fused_16bit"] / best["fused"])
                 figures = "  ".join(f"{way} {best[way]:8.2f}" for way in ways)
                 print(f"{name} {part:<8} {str(shape):<20} {dtype:<9} {figures}", flush=True)
     if gains:
         print(f"least_gain_over_fused_16bit={min(gains):.3f}")
+    print(f"least_gain_over_keras_float32={min(copy_gains):.3f}")
     print(f"slowest_fused_vs_plain={max(ratios):.3f}")
 
 
