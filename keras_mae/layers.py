@@ -501,12 +501,12 @@ def _torch_cpu_attention(query, key, value):
 
     Keras' torch attention copies q, k and v into contiguous heads-major tensors before
     SDPA, which torch's CPU kernel does not need: without the copies float32 training
-    steps ran 3-4 % faster at configurations K and T. 16-bit inputs are attended in
+    steps ran 3.5-4.5 % faster at configurations K and T. 16-bit inputs are attended in
     float32: torch 2.13's CPU flash attention trains 3-11x slower in bfloat16 than in
     float32 at ViT sequence lengths (17 tokens: 36 against 4-5 ms, forward and backward,
     at the keras.io sizes, batch 256; its backward pass dominates), so casting up and
-    back costs far less than it saves. Also more accurate (Intel Xeon with AMX,
-    benchmarks/README.md).
+    back costs far less than it saves, and is more accurate (Intel Xeon with AMX;
+    benchmarks/README.md has both measurements).
     """
     import torch
 
