@@ -441,7 +441,8 @@ def attention(qkv, fused=None, query_ids=None):
     `(B, M, heads, head_dim)`, every token still a key and a value.
 
     `fused=True` is `keras.ops.dot_product_attention`, which dispatches to a fused
-    kernel where the backend has one (torch's SDPA, cuDNN flash attention on GPUs).
+    kernel where the backend has one (torch's SDPA, cuDNN flash attention on GPUs); on
+    torch's CPU, SDPA called directly (`_torch_cpu_attention`).
     cuDNN trains only on an even number of tokens, so on JAX an odd sequence (a class
     token plus an even patch grid) gets one padding token that the mask hides from
     every query: exact, and 2.4x faster than XLA's attention (forward and backward) for
