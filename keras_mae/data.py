@@ -506,6 +506,12 @@ def make_pipeline(
     transforms a float32 batch in training, drawing its randomness from `seed`, a new
     int64 pair for every batch and epoch (for `tf.random.stateless_*`): the same `seed`
     gives the same shuffles and augmentations, however the parallel map interleaves.
+
+    It runs without tf.data's autotuning (`tf.data.AUTOTUNE` then means a parallel call
+    per core): Keras stops each epoch's iterator one batch short of the end and starts
+    another, and deleting an iterator waits for the autotuner's thread, which busy
+    training steps had starved: 1.7-7 s at every epoch's end on 2 cores, for no faster
+    input (benchmarks/README.md). The option carries to what is chained after it.
     """
     dataset = image_dataset(source, image_size, channels, with_labels, as_pixels=True)
     if source.num_examples * image_size[0] * image_size[1] * channels <= cache_limit_bytes:
@@ -523,7 +529,9 @@ def make_pipeline(
         return (images, batch[1]) if with_labels else images
 
     dataset = tf.data.Dataset.zip(dataset, seeds).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def crop_and_flip_augmentation(image_size, crop_area=(0.2, 1.0), aspect_ratio=(3 / 4, 4 / 3)):

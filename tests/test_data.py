@@ -375,6 +375,18 @@ def test_training_pipeline_shuffles_augments_and_drops_the_last_partial_batch():
     assert [b.shape[0] for b in batches] == [16, 16, 16]
 
 
+def test_pipelines_run_without_tf_data_autotuning_also_in_what_is_chained_after_them():
+    # With it, deleting the iterator that Keras leaves at each epoch's last batch waited
+    # seconds for the autotuner's thread; the rate AUTOTUNE's fixed choice gives is the same.
+    source = load_source("synthetic").take(20)
+    for training in (True, False):
+        dataset = make_pipeline(source, (16, 16), 3, 8, training=training, with_labels=True)
+        assert dataset.options().autotune.enabled is False
+        chained = dataset.map(lambda images, labels: (images, labels + 1), num_parallel_calls=tf.data.AUTOTUNE)
+        assert chained.options().autotune.enabled is False
+        assert sum(int(images.shape[0]) for images, _ in chained) == (16 if training else 20)
+
+
 def test_pipeline_keeps_uint8_pixels_until_the_batch_and_gives_the_model_the_same_images(tmp_path):
     # The cache and the shuffle buffer hold uint8 (a quarter of float32); the model still
     # gets float32 in [0, 1], equal to the float images of image_dataset.
