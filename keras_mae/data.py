@@ -507,11 +507,12 @@ def make_pipeline(
     int64 pair for every batch and epoch (for `tf.random.stateless_*`): the same `seed`
     gives the same shuffles and augmentations, however the parallel map interleaves.
 
-    It runs without tf.data's autotuning (`tf.data.AUTOTUNE` then means a parallel call
-    per core): Keras stops each epoch's iterator one batch short of the end and starts
-    another, and deleting an iterator waits for the autotuner's thread, which busy
-    training steps had starved: 1.7-7 s at every epoch's end on 2 cores, for no faster
-    input (benchmarks/README.md). The option carries to what is chained after it.
+    It runs without tf.data's autotuner (`tf.data.AUTOTUNE` then stays at its starting
+    value, a parallel call per core): Keras leaves each epoch's iterator at its last
+    batch and starts another, and deleting the old one waited for the autotuner's
+    thread, which busy training steps had starved: 2-9 s at every epoch's end on 2
+    cores, for no faster input (benchmarks/README.md). The option carries to what is
+    chained after it.
     """
     dataset = image_dataset(source, image_size, channels, with_labels, as_pixels=True)
     if source.num_examples * image_size[0] * image_size[1] * channels <= cache_limit_bytes:

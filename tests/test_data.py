@@ -376,8 +376,8 @@ def test_training_pipeline_shuffles_augments_and_drops_the_last_partial_batch():
 
 
 def test_pipelines_run_without_tf_data_autotuning_also_in_what_is_chained_after_them():
-    # With it, deleting the iterator that Keras leaves at each epoch's last batch waited
-    # seconds for the autotuner's thread; the rate AUTOTUNE's fixed choice gives is the same.
+    # With the autotuner, deleting the iterator that Keras leaves at each epoch's last
+    # batch waited seconds for its thread; AUTOTUNE's starting values feed as fast.
     source = load_source("synthetic").take(20)
     for training in (True, False):
         dataset = make_pipeline(source, (16, 16), 3, 8, training=training, with_labels=True)
