@@ -42,7 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from throughput import CONFIGS, training_flops  # noqa: E402
+from throughput import CONFIGS, TORCH_COMPILE_WARMUP_ERROR, training_flops  # noqa: E402
 
 
 def huggingface_training(config, batch_size, threads, dtype_policy):
@@ -235,6 +235,8 @@ def main(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    if "torch" in backends and args.jit_compile == "true" and args.warmup == 1 and not args.same_process:
+        parser.error(TORCH_COMPILE_WARMUP_ERROR)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.same_process and (backends != ["torch"] or args.hf_jemalloc):

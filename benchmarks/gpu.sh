@@ -10,7 +10,7 @@
 # (torch.compile's first compile) runs last on what is left of BUDGET_S seconds, so a
 # short GPU lease still returns the main table. With LOG set, everything is also
 # appended to that file. CONFIG, STEPS and WARMUP shrink it for a dry run on a CPU:
-#   CONFIG=K BATCH=8 STEPS=2 WARMUP=1 bash benchmarks/gpu.sh
+#   CONFIG=K BATCH=8 STEPS=2 WARMUP=2 bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PEAK_TFLOPS=${PEAK_TFLOPS:-800}

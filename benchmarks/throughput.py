@@ -45,6 +45,14 @@ CONFIGS = {
 }
 
 
+# keras_mae.torch_compile runs a compiled step's first call eagerly and compiles at the
+# second (minutes on a CPU), which one untimed step would leave in the timed ones.
+TORCH_COMPILE_WARMUP_ERROR = (
+    "--warmup 1 would time torch.compile's compiling: with --jit-compile true on torch the first step runs "
+    "eagerly and the second compiles. Give --warmup 2 or more (or 0 to time every step)."
+)
+
+
 def training_flops(config, batch_size, mask_tokens_in_encoder=False, predicts_every_patch=False):
     """Matrix-multiply FLOPs of one training step (forward + backward = 3 x forward).
 
@@ -160,6 +168,8 @@ def parse_args(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be 0 or more")
+    if args.backend == "torch" and args.jit_compile == "true" and args.warmup == 1:
+        parser.error(TORCH_COMPILE_WARMUP_ERROR)
     if args.kernel_breakdown and (args.backend != "jax" or args.compare_mask_tokens):
         parser.error("--kernel-breakdown needs --backend jax and no --compare-mask-tokens")
     return args

@@ -1,0 +1,36 @@
+"""The benchmark scripts refuse flags that would make their figures wrong, before any work."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare  # noqa: E402
+import throughput  # noqa: E402
+
+
+def error_of(capsys, function, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        function(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("function, backend_flags", [
+    (throughput.parse_args, ["--backend", "torch"]),
+    (compare.main, ["--backends", "jax,torch"]),
+])
+def test_one_warmup_step_before_torch_compile_is_refused(capsys, function, backend_flags):
+    # Its first step runs eagerly and the second compiles: one untimed step would time compiling.
+    code, err = error_of(capsys, function, [*backend_flags, "--jit-compile", "true", "--warmup", "1"])
+    assert code == 2
+    assert "--warmup 2 or more" in err.splitlines()[-1]
+
+
+def test_warmups_that_time_no_compiling_or_every_step_are_accepted():
+    for warmup in ("0", "2"):
+        args = throughput.parse_args(["--backend", "torch", "--jit-compile", "true", "--warmup", warmup])
+        assert args.warmup == int(warmup)
+    # Uncompiled torch, and XLA, which compiles at the first step, take one warm-up step.
+    assert throughput.parse_args(["--backend", "torch", "--warmup", "1"]).warmup == 1
+    assert throughput.parse_args(["--backend", "jax", "--jit-compile", "true", "--warmup", "1"]).warmup == 1
