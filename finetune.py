@@ -21,7 +21,9 @@ Runs under KERAS_BACKEND=tensorflow, jax or torch.
 """
 
 import argparse
+import importlib.util
 import os
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -386,6 +388,10 @@ def main(argv=None):
 if __name__ == "__main__":
     check_flags(build_parser().parse_args())  # --help and flag mistakes answer before the slow imports
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow first loads
+    # On jemalloc before keras_mae imports Keras and its backend, which a restart after
+    # them would do again (3-4 s): keras_mae/memory.py runs without its package.
+    package = importlib.util.find_spec("keras_mae")  # found, not imported
+    runpy.run_path(os.path.join(package.submodule_search_locations[0], "memory.py"))["restart_with_jemalloc"]()
     from keras_mae.memory import tune_allocator
 
     tune_allocator()  # faster CPU steps on JAX and torch (see keras_mae/memory.py)

@@ -44,8 +44,6 @@ import platform
 import sys
 import warnings
 
-import keras
-
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 # jemalloc keeps every freed page: no decay, no separate arena that returns large blocks
 # at once, and one arena for all threads, so that what one thread frees another reuses
@@ -122,6 +120,8 @@ def huge_pages_would_help():
     that gives huge pages only to memory that asks for them ('madvise'; under 'always'
     they are there already), no `glibc.malloc.hugetlb` choice of the user's own in
     `GLIBC_TUNABLES`, and a program that can be started again (`restartable`)."""
+    import keras
+
     return (
         keras.config.backend() == "jax"
         and sys.platform.startswith("linux")
@@ -154,19 +154,11 @@ def restart(variables):
 def restart_with_jemalloc():
     """Re-executes this Python program, same arguments, on jemalloc keeping freed memory
     (`jemalloc_environment`) when it can be restarted; otherwise returns. Call it first
-    thing in a script: the process image is replaced."""
+    thing in a script: the process image is replaced. It needs only the standard
+    library, so a script can run it before it imports Keras (train.py, finetune.py)."""
     variables = jemalloc_environment()
-    if not variables:
-        return
-    if restartable():
+    if variables and restartable():
         restart(variables)
-    elif in_ipython():
-        warnings.warn(
-            "keras_mae.memory: not restarting this IPython / Jupyter session on jemalloc. For "
-            "faster CPU training steps, start it with `LD_PRELOAD=" + variables["LD_PRELOAD"]
-            + " MALLOC_CONF=" + variables["MALLOC_CONF"] + "` (e.g. before `jupyter lab`).",
-            stacklevel=3,
-        )
 
 
 def restart_with_huge_pages():
@@ -236,6 +228,16 @@ def tune_allocator():
     `GLIBC_TUNABLES` keeps torch on plain glibc malloc, `glibc.malloc.hugetlb=0` JAX.
     """
     restart_with_jemalloc()
+    import keras
+
+    variables = jemalloc_environment()
+    if variables and in_ipython():
+        warnings.warn(
+            "keras_mae.memory: not restarting this IPython / Jupyter session on jemalloc. For "
+            "faster CPU training steps, start it with `LD_PRELOAD=" + variables["LD_PRELOAD"]
+            + " MALLOC_CONF=" + variables["MALLOC_CONF"] + "` (e.g. before `jupyter lab`).",
+            stacklevel=2,
+        )
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if keras.config.backend() == "torch" and not preloaded_malloc() and not any(
         name in tunables for name in ("glibc.malloc.mmap_max", "glibc.malloc.trim_threshold")

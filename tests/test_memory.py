@@ -199,3 +199,19 @@ def test_torch_program_reuses_freed_memory():
 def test_tensorflow_and_opted_out_torch_keep_glibc_defaults(backend, tunables):
     starts, fields = run_child(backend, tunables=tunables)
     assert int(fields["reuse_faults"]) >= 8192  # the control: glibc maps a freed 64 MiB block anew
+
+
+@needs_jemalloc
+@pytest.mark.parametrize("script, flags", [("train.py", []), ("finetune.py", ["--init", "random"])])
+def test_scripts_restart_on_jemalloc_before_they_import_keras(tmp_path, script, flags):
+    # Keras and its backend take seconds to import; a restart after importing them would
+    # import them twice. `-X importtime` lists every import of both starts of the program.
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", "KERAS_MAE_JEMALLOC")}
+    run = subprocess.run([sys.executable, "-X", "importtime", str(REPO / script), *flags,
+                          "--dataset", str(tmp_path / "missing")],  # an error right after the start
+                         env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"{script}: error: Dataset folder" in run.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")]
+    assert imported.count("site") == 2  # Python started twice: restarted once, on jemalloc
+    assert imported.count("keras") == 1
