@@ -353,7 +353,8 @@ def main(argv=None):
                     callbacks=callbacks, verbose=verbose, shuffle=False)  # the pipelines shuffle
     history = read_history(history_path) if history_path.is_file() else {}
     if history.get("loss") and not np.isfinite(history["loss"][-1]):
-        print("finetune.py: error: the loss became NaN; lower --base-lr.", file=sys.stderr)
+        print(f"finetune.py: error: the loss became NaN or infinite in epoch {len(history['loss'])}. "
+              f"{RunCheckpoint.divergence_advice(run_dir)}", file=sys.stderr)
         sys.exit(1)
 
     # The product: the whole classifier on images, without optimizer state.

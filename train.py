@@ -340,7 +340,10 @@ def main(argv=None):
 
     losses = history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]):
-        print("train.py: error: the loss became NaN; the last good epoch is in the checkpoint.", file=sys.stderr)
+        print(f"train.py: error: the loss became NaN or infinite in epoch {initial_epoch + len(losses)}. "
+              f"{RunCheckpoint.divergence_advice(run_dir, out_dir)}", file=sys.stderr)
+        if not chief:
+            shutil.rmtree(out_dir, ignore_errors=True)
         sys.exit(1)
     # The run's products carry no optimizer state (a third of the size); the
     # checkpoint keeps it for --resume.

@@ -1,6 +1,7 @@
 """Callbacks of a run: reconstruction pictures, crash-safe checkpoints, a k-NN monitor."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -72,7 +73,8 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     `checkpoint_XXX.keras` is written under a temporary name and renamed; `state.json`,
     renamed the same way, then points at it; older checkpoints are deleted last. A
-    process killed at any moment leaves `state.json` naming a complete file.
+    process killed at any moment leaves `state.json` naming a complete file. An epoch
+    whose loss is NaN or infinite is not saved: the last finite one stays, to resume from.
     `model` saves another model than the one being fitted (a classifier whose head
     alone is fitted on cached features).
     """
@@ -91,7 +93,21 @@ class RunCheckpoint(keras.callbacks.Callback):
         with open(path) as stream:
             return json.load(stream)
 
+    @classmethod
+    def divergence_advice(cls, run_dir, state_dir=None):
+        """What to do once the loss stopped being finite: which checkpoint of `run_dir`
+        survived (read from `state_dir`, a process's scratch copy, when given)."""
+        kept = cls.load_state(state_dir or run_dir)
+        if kept is None:
+            return ("No epoch ended with a finite loss, so none was kept: start again with a lower --base-lr "
+                    "(and --overwrite).")
+        return (f"{run_dir} keeps the checkpoint of epoch {kept['epoch']}: continue from it with --resume and a "
+                "lower --base-lr.")
+
     def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            return
         name = f"checkpoint_{epoch + 1:03d}.keras"
         write_atomically(self.run_dir / name, (self.saved_model or self.model).save)
         write_json(self.run_dir / "state.json", {**self.extra_state, "epoch": epoch + 1, "checkpoint": name})

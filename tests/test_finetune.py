@@ -109,6 +109,18 @@ def test_full_fine_tuning_lowers_the_loss(capsys, tmp_path, encoder_file):
     assert json.loads((out_dir / "config.json").read_text())["encoder"]["drop_path_rate"] == 0.1
 
 
+def test_a_diverging_run_saves_no_checkpoint_and_says_so(capsys, tmp_path, encoder_file):
+    out_dir = tmp_path / "diverged"
+    code, _, err = run(capsys, "--encoder", encoder_file, "--mode", "full", "--epochs", "2", "--output-dir", out_dir,
+                       *QUICK, "--base-lr", "1e30")
+    assert code == 1
+    assert err.splitlines()[-1] == ("finetune.py: error: the loss became NaN or infinite in epoch 1. No epoch ended "
+                                    "with a finite loss, so none was kept: start again with a lower --base-lr "
+                                    "(and --overwrite).")
+    assert not (out_dir / "state.json").exists() and not list(out_dir.glob("checkpoint_*"))
+    assert not (out_dir / "classifier.keras").exists()
+
+
 def test_few_labels_with_mixup_cutmix_and_export(capsys, tmp_path, encoder_file):
     out_dir = tmp_path / "few"
     code, out, err = run(capsys, "--encoder", encoder_file, "--mode", "full", "--epochs", "1", "--labels-fraction",

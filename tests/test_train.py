@@ -126,6 +126,28 @@ def test_two_epochs_on_real_fashion_mnist_write_the_whole_run_folder(tmp_path, c
                                keras.ops.convert_to_numpy(mae.encoder(images)), atol=1e-6)
 
 
+def test_a_diverging_epoch_keeps_the_last_checkpoint_with_a_finite_loss(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = [*QUICK, "--dataset", "synthetic", "--limit", "128", "--warmup-epochs", "0", "--verbose", "0",
+            "--output-dir", str(run_dir)]
+    code, err = run_main(capsys, *argv, "--epochs", "1", "--base-lr", "1e30")
+    assert code == 1
+    assert err.splitlines()[-1] == ("train.py: error: the loss became NaN or infinite in epoch 1. No epoch ended "
+                                    "with a finite loss, so none was kept: start again with a lower --base-lr "
+                                    "(and --overwrite).")
+    assert not (run_dir / "state.json").exists() and not list(run_dir.glob("checkpoint_*"))
+
+    train.main([*argv, "--epochs", "1", "--overwrite"])
+    finite = (run_dir / "checkpoint_001.keras").read_bytes()
+    code, err = run_main(capsys, *argv, "--epochs", "2", "--resume", "--base-lr", "1e30")
+    assert code == 1
+    assert err.splitlines()[-1] == (f"train.py: error: the loss became NaN or infinite in epoch 2. {run_dir} keeps "
+                                    "the checkpoint of epoch 1: continue from it with --resume and a lower --base-lr.")
+    assert json.loads((run_dir / "state.json").read_text())["epoch"] == 1
+    assert [p.name for p in run_dir.glob("checkpoint_*.keras")] == ["checkpoint_001.keras"]
+    assert (run_dir / "checkpoint_001.keras").read_bytes() == finite
+
+
 def train_process(*argv, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **(env_extra or {})}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], env=env,
