@@ -178,7 +178,7 @@ def main(argv=None):
     import tensorflow as tf
 
     from keras_mae import MAEEncoder
-    from keras_mae.callbacks import RunCheckpoint, write_atomically, write_json
+    from keras_mae.callbacks import RunCheckpoint, logging_callbacks, write_atomically, write_json
     from keras_mae.classifier import ViTClassifier, load_encoder
     from keras_mae.data import DataError, crop_and_flip_augmentation, make_pipeline
     from keras_mae.evaluation import classification_report, extract_features, knn_accuracy
@@ -337,8 +337,7 @@ def main(argv=None):
     trim_history(history_path, initial_epoch)
 
     callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.CSVLogger(str(history_path), append=bool(initial_epoch)),
+        *logging_callbacks(history_path, append=bool(initial_epoch)),
         RunCheckpoint(run_dir, {"epochs": args.epochs}, model=classifier),
     ]
     mode_text = {"linear": "linear probe", "partial": f"partial fine-tuning (last {args.blocks} blocks)",

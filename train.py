@@ -191,7 +191,8 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)  # the same initial weights in every process
 
     from keras_mae import MaskedAutoencoder
-    from keras_mae.callbacks import KNNMonitor, ReconstructionLogger, RunCheckpoint, write_atomically, write_json
+    from keras_mae.callbacks import (KNNMonitor, ReconstructionLogger, RunCheckpoint, logging_callbacks,
+                                     write_atomically, write_json)
     from keras_mae.data import (DataError, crop_and_flip_augmentation, image_dataset, load_source, make_pipeline,
                                 with_test_split)
     from keras_mae.distribute import process_index, strategy_scope
@@ -309,10 +310,8 @@ def main(argv=None):
     history_path = out_dir / "history.csv"
     trim_history(history_path, initial_epoch)
     callbacks = [
-        keras.callbacks.TerminateOnNaN(),
         *([KNNMonitor(mae.encoder, *knn_sources, every=args.knn_every)] if knn_sources else []),  # before the logger
-        keras.callbacks.CSVLogger(str(history_path), append=bool(initial_epoch)),
-        keras.callbacks.TensorBoard(log_dir=str(out_dir / "logs")),
+        *logging_callbacks(history_path, append=bool(initial_epoch), tensorboard_dir=out_dir / "logs"),
         ReconstructionLogger(preview, out_dir / "reconstructions", every=args.reconstruct_every,
                              log_dir=out_dir / "logs" / "images", seed=args.seed),
         RunCheckpoint(out_dir, {"epochs": args.epochs}),

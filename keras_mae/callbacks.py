@@ -1,4 +1,4 @@
-"""Callbacks of a run: reconstruction pictures, crash-safe checkpoints, a k-NN monitor."""
+"""Callbacks of a run: logging, reconstruction pictures, crash-safe checkpoints, a k-NN monitor."""
 
 import json
 import math
@@ -26,6 +26,67 @@ def write_json(path, data):
             stream.write("\n")
 
     write_atomically(path, dump)
+
+
+def logging_callbacks(history_path, append=False, tensorboard_dir=None):
+    """What every run logs: a stop on a non-finite loss, history.csv and (with
+    `tensorboard_dir`) TensorBoard at epoch ends, none of which makes `fit` wait for the
+    device between steps.
+
+    A callback with a per-batch end hook not marked `async_safe` makes `fit` turn each
+    step's logs into Python numbers before it starts the next step, a wait for the
+    device at every step (Keras' asynchronous dispatch is for JAX and torch; on
+    TensorFlow it always waits). Keras' own `TerminateOnNaN` and `TensorBoard` have
+    such hooks.
+    """
+    callbacks = [NonFiniteLossStop(), keras.callbacks.CSVLogger(str(history_path), append=append)]
+    if tensorboard_dir is not None:
+        callbacks.append(EpochTensorBoard(log_dir=str(tensorboard_dir)))
+    return callbacks
+
+
+class NonFiniteLossStop(keras.callbacks.Callback):
+    """Stops `fit` after a step whose loss is NaN or infinite, as `TerminateOnNaN` does,
+    but reads the loss on Keras' callback thread (`async_safe`) and stops from the main
+    thread, before the next step or at the epoch's end: on JAX, `self.model` syncs the
+    model's state, which from that thread races the step running meanwhile (its
+    buffers are donated). The stop comes a step or two late; `RunCheckpoint` does not
+    save the diverged epoch."""
+
+    async_safe = True
+
+    def on_train_begin(self, logs=None):
+        self.diverged_at = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if self.diverged_at is None and loss is not None and not math.isfinite(loss):
+            self.diverged_at = batch
+
+    def stop_if_diverged(self):
+        if self.diverged_at is not None and not self.model.stop_training:
+            print(f"Batch {self.diverged_at}: the loss is NaN or infinite; stopping.")
+            self.model.stop_training = True
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.stop_if_diverged()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.stop_if_diverged()
+
+
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard at its default `update_freq="epoch"`, whose batch hook cannot
+    hold up a step: off TensorFlow it writes nothing there but reads `self.model` (on
+    JAX a state sync that races the next step from the callback thread), so it is
+    skipped; on TensorFlow, where Keras waits every step anyway, it writes the step's
+    graph as before."""
+
+    async_safe = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if keras.backend.backend() == "tensorflow":
+            super().on_train_batch_end(batch, logs)
 
 
 class ReconstructionLogger(keras.callbacks.Callback):
