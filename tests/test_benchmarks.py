@@ -34,3 +34,17 @@ def test_warmups_that_time_no_compiling_or_every_step_are_accepted():
     # Uncompiled torch, and XLA, which compiles at the first step, take one warm-up step.
     assert throughput.parse_args(["--backend", "torch", "--warmup", "1"]).warmup == 1
     assert throughput.parse_args(["--backend", "jax", "--jit-compile", "true", "--warmup", "1"]).warmup == 1
+
+
+def test_throughput_times_a_few_real_steps_and_writes_its_figures(tmp_path, capsys):
+    import json
+
+    import keras
+
+    path = tmp_path / "figures.json"
+    spe = "1" if keras.backend.backend() == "torch" else "2"  # Keras' torch trainer runs one step per call
+    throughput.main(["--backend", keras.backend.backend(), "--config", "D", "--batch-size", "2", "--steps", "3",
+                     "--warmup", "1", "--steps-per-execution", spe, "--json", str(path)])
+    figures = json.loads(path.read_text())
+    assert figures["img_per_s"] > 0 and figures["user_s_per_step"] > 0 and figures["model_tflops_per_s"] > 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"img_per_s={figures['img_per_s']:.2f}"
