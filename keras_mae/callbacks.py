@@ -7,6 +7,7 @@ from pathlib import Path
 
 import keras
 
+from keras_mae.distribute import process_count
 from keras_mae.evaluation import extract_features, knn_accuracy
 from keras_mae.visualize import save_reconstructions
 
@@ -53,7 +54,11 @@ class NonFiniteLossStop(keras.callbacks.Callback):
     buffers are donated). The stop comes a step or two late; `RunCheckpoint` does not
     save the diverged epoch."""
 
-    async_safe = True
+    @property
+    def async_safe(self):  # read when `fit` starts
+        # Every step of a multi-process run is collective, so each process must stop
+        # after the same one: there the check runs step by step on the main thread.
+        return process_count() == 1
 
     def on_train_begin(self, logs=None):
         self.diverged_at = None

@@ -137,6 +137,17 @@ def process_index():
     return jax.process_index()
 
 
+def process_count():
+    """How many processes a multi-process JAX run has, 1 otherwise."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
 def configure_cpu_devices(count):
     """Before keras is imported: ask TensorFlow and XLA for `count` logical CPU devices."""
     if count <= 1:

@@ -87,6 +87,21 @@ def test_two_processes_train_resume_and_end_identical(tmp_path):
 
 
 @needs_jax
+def test_a_diverging_loss_stops_every_process_after_the_same_step(tmp_path):
+    # Each step is collective: a process that stopped a step before the other would leave
+    # it waiting for the distributed timeout, then failing as if a peer had died.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    codes, outputs = run_all("--epochs", "2", "--base-lr", "1e30", "--warmup-epochs", "0", "--output-dir",
+                             tmp_path / "run", "--distributed-timeout", "60", scratch=scratch)
+    assert codes == [1, 1], [err[-2000:] for _, err in outputs]
+    for _, err in outputs:
+        assert "error: the loss became NaN or infinite in epoch 1. No epoch ended with a finite loss" in err
+    assert not (tmp_path / "run" / "state.json").exists()
+    assert not list(scratch.glob("keras_mae_process*"))
+
+
+@needs_jax
 def test_a_killed_process_stops_the_other_within_the_timeout(tmp_path):
     port = free_port()
     timeout = 10
