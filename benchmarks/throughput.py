@@ -204,45 +204,35 @@ def main(argv=None):
     batch = np.random.default_rng(0).random((args.batch_size, height, width, config["num_channels"]), dtype=np.float32)
 
     class SameBatch(keras.utils.PyDataset):
-        def __init__(self, steps):
-            super().__init__()
-            self.steps = steps
-
         def __len__(self):
-            return self.steps * args.steps_per_execution
+            return (args.warmup + args.steps) * args.steps_per_execution
 
         def __getitem__(self, index):
             return batch
 
     class StepTimer(keras.callbacks.Callback):
-        """Wall time, this process's CPU time (user, kernel) and page faults of a `fit`
-        epoch's steps, from the first step's start (after the data iterator's start-up:
-        about 0.2 s of 3.2 for ten torch steps at K) to the epoch's end.
-
-        No batch-end hook: one would make Keras turn every step's loss into a number
-        before it starts the next step, a wait for the device that training
-        (keras_mae.callbacks.logging_callbacks) and HuggingFace's timed loop do not have.
-        """
+        """Wall time, this process's CPU time (user, kernel) and page faults in the timed steps."""
 
         def mark(self):
             usage = resource.getrusage(resource.RUSAGE_SELF)
             return time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt + usage.ru_majflt
 
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch == 0:
+        def on_train_batch_end(self, step, logs=None):
+            if step + 1 == args.warmup * args.steps_per_execution:
                 self.start = self.mark()
 
-        def on_epoch_end(self, epoch, logs=None):  # Keras has waited for the last step's loss
+        def on_train_begin(self, logs=None):
+            self.start = self.mark()
+
+        def on_train_end(self, logs=None):
             self.seconds, self.user, self.kernel, self.faults = (end - start for end, start in zip(self.mark(), self.start))
 
     def images_per_second(mask_tokens_in_encoder):
         mae = keras_mae.MaskedAutoencoder(**{**config, "mask_tokens_in_encoder": mask_tokens_in_encoder})
         mae.compile(optimizer=keras_mae.AdamW(1e-4, beta_2=0.95, weight_decay=0.05),
                     steps_per_execution=args.steps_per_execution, jit_compile=jit_compile_setting(args.jit_compile))
-        if args.warmup:  # compiles; the timed fit below reuses its train_function
-            mae.fit(SameBatch(args.warmup), epochs=1, verbose=0)
         timer = StepTimer()
-        mae.fit(SameBatch(args.steps), epochs=1, verbose=0, callbacks=[timer])
+        mae.fit(SameBatch(), epochs=1, verbose=0, callbacks=[timer])
         steps = args.steps * args.steps_per_execution
         cpu_time.update(user_s_per_step=timer.user / steps, kernel_s_per_step=timer.kernel / steps,
                         page_faults_per_step=timer.faults / steps,
@@ -252,7 +242,7 @@ def main(argv=None):
 
             with tempfile.TemporaryDirectory() as trace_dir:
                 with jax.profiler.trace(trace_dir):
-                    mae.fit(SameBatch(2), epochs=1, verbose=0)
+                    mae.fit(SameBatch(), epochs=1, verbose=0, steps_per_epoch=2 * args.steps_per_execution)
                 print_kernel_breakdown(trace_dir, steps=2 * args.steps_per_execution)
         return args.batch_size * steps / timer.seconds
 
