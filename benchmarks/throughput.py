@@ -211,20 +211,25 @@ def main(argv=None):
             return batch
 
     class StepTimer(keras.callbacks.Callback):
-        """Wall time, this process's CPU time (user, kernel) and page faults in the timed steps."""
+        """Wall time, this process's CPU time (user, kernel) and page faults in the timed steps.
+
+        No batch-end hook: one would make Keras turn every step's loss into a number
+        before it starts the next step, a wait for the device that training
+        (keras_mae.callbacks.logging_callbacks) and HuggingFace's timed loop do not have.
+        The clock starts before the first timed step, once the warm-up's last update is
+        done on the device; it stops at the epoch's end, after Keras has read the last loss.
+        """
 
         def mark(self):
             usage = resource.getrusage(resource.RUSAGE_SELF)
             return time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt + usage.ru_majflt
 
-        def on_train_batch_end(self, step, logs=None):
-            if step + 1 == args.warmup * args.steps_per_execution:
+        def on_train_batch_begin(self, step, logs=None):
+            if step == args.warmup * args.steps_per_execution:
+                keras.ops.convert_to_numpy(self.model.optimizer.iterations)  # waits for the device
                 self.start = self.mark()
 
-        def on_train_begin(self, logs=None):
-            self.start = self.mark()
-
-        def on_train_end(self, logs=None):
+        def on_epoch_end(self, epoch, logs=None):
             self.seconds, self.user, self.kernel, self.faults = (end - start for end, start in zip(self.mark(), self.start))
 
     def images_per_second(mask_tokens_in_encoder):
