@@ -1,5 +1,7 @@
 """Shared tiny configuration: every test builds models small enough for 2 CPU cores."""
 
+import threading
+
 import keras
 import numpy as np
 import pytest
@@ -50,6 +52,38 @@ def count_layer_calls(monkeypatch):
 
     monkeypatch.setattr(keras.layers.Layer, "__call__", counting)
     return calls
+
+
+class BatchEndThreads(keras.callbacks.Callback):
+    """Records whether each `on_train_batch_end` ran on the main thread. Marked async-safe
+    itself, so it follows whatever dispatch the other callbacks allow."""
+
+    async_safe = True
+
+    def __init__(self):
+        super().__init__()
+        self.on_main_thread = set()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.on_main_thread.add(threading.current_thread() is threading.main_thread())
+
+
+def probe_batch_end_threads(monkeypatch):
+    """Adds a `BatchEndThreads` to every `fit` from now on (train.py's and finetune.py's,
+    with their own callbacks) and returns it."""
+    probe = BatchEndThreads()
+    original = keras.Model.fit
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        return original(self, *args, callbacks=[*(callbacks or []), probe], **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    return probe
+
+
+# Keras runs batch-end hooks on a thread of its own, so that `fit` need not wait for each
+# step's loss, on JAX and torch only, and only while every callback allows it.
+BATCH_HOOKS_ON_MAIN_THREAD = keras.backend.backend() == "tensorflow"
 
 
 @pytest.fixture

@@ -1,25 +1,9 @@
 """The callbacks every run uses: they must not make `fit` wait for the device each step."""
 
-import threading
-
 import keras
 
-from conftest import random_images, tiny_mae
+from conftest import BATCH_HOOKS_ON_MAIN_THREAD, BatchEndThreads, random_images, tiny_mae
 from keras_mae.callbacks import logging_callbacks
-
-
-class BatchEndThreads(keras.callbacks.Callback):
-    """Records whether each `on_train_batch_end` ran on the main thread. Marked async-safe
-    itself, so it follows whatever dispatch the other callbacks allow."""
-
-    async_safe = True
-
-    def __init__(self):
-        super().__init__()
-        self.on_main_thread = set()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.on_main_thread.add(threading.current_thread() is threading.main_thread())
 
 
 def batch_end_threads(callbacks, steps=4):
@@ -33,11 +17,10 @@ def batch_end_threads(callbacks, steps=4):
 def test_logging_callbacks_let_fit_start_the_next_step_before_the_batch_hooks_run(tmp_path):
     callbacks = logging_callbacks(tmp_path / "history.csv", tensorboard_dir=tmp_path / "logs")
     assert [type(c).__name__ for c in callbacks] == ["NonFiniteLossStop", "CSVLogger", "EpochTensorBoard"]
-    waits_every_step = keras.backend.backend() == "tensorflow"  # Keras dispatches asynchronously on JAX and torch only
     # 200 steps: on JAX, Keras' TensorBoard marked async-safe failed within them every time
     # ("Buffer has been deleted or donated"): its batch hook reads `self.model` from the
     # callback thread, a state sync racing the next step.
-    assert batch_end_threads(callbacks, steps=200) == {waits_every_step}
+    assert batch_end_threads(callbacks, steps=200) == {BATCH_HOOKS_ON_MAIN_THREAD}
     assert (tmp_path / "history.csv").read_text().startswith("epoch,loss")
     # The same callbacks unmarked: their batch hooks run on the main thread, between steps.
     assert batch_end_threads([keras.callbacks.TerminateOnNaN()]) == {True}

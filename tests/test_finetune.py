@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_main, tiny_mae
+from conftest import BATCH_HOOKS_ON_MAIN_THREAD, probe_batch_end_threads, run_main, tiny_mae
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,11 +56,14 @@ def test_help_explains_every_flag(capsys):
     assert all(action.help for action in finetune.build_parser()._actions)
 
 
-def test_linear_probe_keeps_the_encoder_frozen_and_writes_consistent_metrics(capsys, tmp_path, encoder_file):
+def test_linear_probe_keeps_the_encoder_frozen_and_writes_consistent_metrics(capsys, tmp_path, encoder_file,
+                                                                              monkeypatch):
     out_dir = tmp_path / "linear"
+    probe = probe_batch_end_threads(monkeypatch)
     code, out, err = run(capsys, "--encoder", encoder_file, "--mode", "linear", "--epochs", "4", "--knn",
                          "--output-dir", out_dir, *QUICK)
     assert code == 0, err
+    assert probe.on_main_thread == {BATCH_HOOKS_ON_MAIN_THREAD}  # fit does not wait for each step's loss
     for name in ("classifier.keras", "metrics.json", "confusion_matrix.png", "history.csv", "training_curves.png",
                  "config.json"):
         assert (out_dir / name).is_file(), name

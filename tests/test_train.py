@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from conftest import BATCH_HOOKS_ON_MAIN_THREAD, probe_batch_end_threads  # noqa: E402
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 QUICK = ["--preset", "mae_vit_debug_patch4", "--batch-size", "32", "--num-reconstructions", "4"]
@@ -101,10 +102,13 @@ def test_existing_run_folder_is_not_overwritten_by_accident(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="apt-get install dataset-fashion-mnist")
-def test_two_epochs_on_real_fashion_mnist_write_the_whole_run_folder(tmp_path, capsys):
+def test_two_epochs_on_real_fashion_mnist_write_the_whole_run_folder(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
+    probe = probe_batch_end_threads(monkeypatch)
     train.main([*QUICK, "--limit", "256", "--epochs", "2", "--output-dir", str(run_dir), "--export", "--knn-every", "1"])
     out = capsys.readouterr().out
+    # With every callback of a run, k-NN monitor included, fit does not wait for each step's loss.
+    assert probe.on_main_thread == {BATCH_HOOKS_ON_MAIN_THREAD}
     assert str(DEBIAN_FASHION_MNIST) in out and "Final loss" in out
     for name in ("config.json", "mae.keras", "encoder.keras", "history.csv", "loss_curve.png",
                  "state.json", "checkpoint_002.keras", "reconstructions/epoch_001.png",
